@@ -1,0 +1,324 @@
+"""The one training loop, shared by train and finetune, and the evaluation helpers.
+
+The loop never syncs the host per step (no .item() per batch): losses, accuracies and the
+first non-finite step are accumulated on the device and read once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from stages.data import BatchLoader
+from stages.model import FrozenScaleBatchNorm
+from stages.outputs import StageError, atomic_file
+from stages.params import TrainParams
+
+# Triangle schedule ends, as airbench: start at 0.2 x lr, peak at `warmup`, end at 0.07 x lr.
+TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
+# Weight averaging (airbench's lookahead-style EMA): per-update decay 0.95^every, scaled by
+# (progress)^3 so it averages lightly early and strongly at the end.
+EMA_DECAY_BASE, EMA_DECAY_POW = 0.95, 3.0
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` takes CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[name]:
+        raise StageError(f"params: device {name!r} is not available on this machine; "
+                         "set it to auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA and CPU (AMX makes it fast there too); fp16 on MPS."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "mps" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a whole split once; pinned + non-blocking on CUDA, channels_last everywhere."""
+    if device.type == "cuda":
+        images = images.pin_memory().to(device, non_blocking=True)
+    else:
+        images = images.to(device)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+@dataclass
+class Group:
+    """A set of parameters with its own learning rate, trained during epochs [start, stop)."""
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    weight_decay: float
+    start: int = 0
+    stop: int | None = None
+
+    def trains_in(self, epoch: int) -> bool:
+        return epoch >= self.start and (self.stop is None or epoch < self.stop)
+
+
+def param_groups(model: nn.Module, head: str, lr: float, head_lr: float, weight_decay: float,
+                 bias_lr_scale: float, freeze_epochs: int, whiten_bias_epochs: int) -> list[Group]:
+    """Split trainable parameters into head, frozen-scale BatchNorm biases, whitening bias, rest.
+
+    The frozen-scale BN biases train at lr * bias_lr_scale (airbench: 64); their weight decay
+    is divided by the same factor so that the per-step decay lr * wd stays that of the rest.
+    The backbone waits `freeze_epochs` (finetune), the whitening bias stops after
+    `whiten_bias_epochs` (airbench).
+    """
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, FrozenScaleBatchNorm)}
+    buckets: dict[str, list[nn.Parameter]] = {"head": [], "norm_bias": [], "whiten_bias": [], "backbone": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(head):
+            buckets["head"].append(param)
+        elif id(param) in norm_biases:
+            buckets["norm_bias"].append(param)
+        elif name == "whiten.bias":
+            buckets["whiten_bias"].append(param)
+        else:
+            buckets["backbone"].append(param)
+    groups = [
+        Group("head", buckets["head"], head_lr, weight_decay),
+        Group("norm_bias", buckets["norm_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
+              start=freeze_epochs),
+        Group("whiten_bias", buckets["whiten_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
+              start=freeze_epochs, stop=max(freeze_epochs, whiten_bias_epochs)),
+        Group("backbone", buckets["backbone"], lr, weight_decay, start=freeze_epochs),
+    ]
+    return [g for g in groups if g.params]
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """Multiplier of each group's lr at `step` of `total`."""
+    progress = step / max(total, 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "triangle":
+        if progress < warmup:
+            return TRIANGLE_START + (1 - TRIANGLE_START) * progress / warmup
+        return 1 + (TRIANGLE_END - 1) * (progress - warmup) / (1 - warmup)
+    if schedule == "cosine":
+        if progress < warmup:
+            return progress / warmup
+        return 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+    raise AssertionError(schedule)
+
+
+def make_optimizer(params: TrainParams, groups: list[Group]) -> torch.optim.Optimizer:
+    specs = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(specs, momentum=params.momentum, nesterov=params.nesterov)
+    return torch.optim.Adam(specs, betas=(params.momentum, 0.999))
+
+
+class WeightAverage:
+    """Lookahead-style EMA (airbench): average the weights, then copy the average back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.average[key].lerp_(value, 1 - decay)
+                value.copy_(self.average[key])
+
+
+def tta_views(images: torch.Tensor, tta: str) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs: the image; + its mirror; + mirrors of 1-pixel shifts up-left and
+    down-right (airbench's level 2): the weights sum to 1."""
+    if tta == "none":
+        return [(1.0, images)]
+    mirrored = [(0.5, images), (0.5, images.flip(-1))]
+    if tta == "flip":
+        return mirrored
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    views = [(0.5 * wt, v) for wt, v in mirrored]
+    for s in shifted:
+        views += [(0.125, s), (0.125, s.flip(-1))]
+    return views
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: str,
+                   amp: bool) -> torch.Tensor:
+    """Float32 logits for normalized images (already on the model's device), TTA-averaged."""
+    model.eval()
+    out = []
+    for batch in images.split(batch_size):
+        with autocast(batch.device, amp):
+            logits = sum(wt * model(v.contiguous(memory_format=torch.channels_last)).float()
+                         for wt, v in tta_views(batch, tta))
+        out.append(logits)
+    return torch.cat(out)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+@dataclass
+class Checkpoint:
+    """Where the loop saves its state after each epoch, and the fingerprint it must match."""
+    path: Path
+    fingerprint: str
+
+
+class Training:
+    """Runs the loop over epochs; state lives here so a checkpoint can restore all of it."""
+
+    def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
+                 loader: BatchLoader, device: torch.device) -> None:
+        self.model, self.groups, self.params, self.loader = model, groups, params, loader
+        self.device = device
+        self.optimizer = make_optimizer(params, groups)
+        self.total_steps = math.ceil(len(loader) * params.epochs)
+        self.epochs = math.ceil(params.epochs)
+        self.step = 0
+        self.epoch = 0
+        self.average: WeightAverage | None = None
+        self.history: list[dict[str, float]] = []
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    def set_lr(self) -> None:
+        factor = lr_factor(self.params.schedule, self.step, self.total_steps, self.params.warmup)
+        for group, spec in zip(self.groups, self.optimizer.param_groups):
+            spec["lr"] = group.lr * factor
+
+    def maybe_average(self) -> None:
+        every = self.params.ema_every
+        progress = self.step / self.total_steps
+        if every == 0 or progress < self.params.ema_start or self.step % every:
+            return
+        if self.average is None:
+            self.average = WeightAverage(self.model)
+        else:
+            decay = EMA_DECAY_BASE ** every * progress ** EMA_DECAY_POW
+            self.average.update(self.model, decay)
+
+    def run_epoch(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """One pass over the loader; returns train loss/accuracy read once at the end."""
+        for group in self.groups:
+            for p in group.params:
+                p.requires_grad_(group.trains_in(self.epoch))
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
+        seen = 0
+        for images, labels in tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                                   leave=False, mininterval=2):
+            if self.step >= self.total_steps:
+                break
+            self.set_lr()
+            logits, loss = step_fn(images, labels)
+            bad = ~torch.isfinite(loss) & (first_bad < 0)
+            first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            self.step += 1
+            self.maybe_average()
+        if self.average is not None:
+            self.average.update(self.model, decay=1.0)  # end the epoch on the averaged weights
+        if first_bad.item() >= 0:
+            raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
+                             f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
+        return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.params.amp):
+            logits = self.model(images)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach(), loss.detach()
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "average": None if self.average is None else self.average.average,
+            "step": self.step, "epoch": self.epoch, "history": self.history,
+            "loader_epoch": self.loader.epoch, "loader_rng": self.loader.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["average"] is not None:
+            self.average = WeightAverage(self.model)
+            self.average.average = state["average"]
+        self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
+        self.loader.epoch = state["loader_epoch"]
+        self.loader.generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def save_checkpoint(checkpoint: Checkpoint, training: Training) -> None:
+    with atomic_file(checkpoint.path) as tmp:
+        torch.save({"fingerprint": checkpoint.fingerprint, **training.state()}, tmp)
+
+
+def resume(checkpoint: Checkpoint, training: Training) -> bool:
+    """Restore a checkpoint written with the same fingerprint; a stale one is ignored."""
+    if not checkpoint.path.exists():
+        return False
+    try:
+        state = torch.load(checkpoint.path, map_location=training.device, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise StageError(f"{checkpoint.path}: unreadable checkpoint ({err}); delete it to "
+                         "start the training from scratch") from None
+    if state.get("fingerprint") != checkpoint.fingerprint:
+        print(f"{checkpoint.path}: written for other params or data; starting from scratch")
+        return False
+    training.load_state(state)
+    print(f"{checkpoint.path}: resuming after epoch {training.epoch} (step {training.step})")
+    return True
+
+
+def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
+        checkpoint: Checkpoint, log_epoch: Callable[[int, dict[str, float]], None]) -> float:
+    """Train to the end, checkpointing each epoch; returns the training wall time in seconds."""
+    resume(checkpoint, training)
+    for past, row in enumerate(training.history):
+        log_epoch(past, row)
+    start = time.perf_counter()
+    while training.epoch < training.epochs and training.step < training.total_steps:
+        train_metrics = training.run_epoch(training.train_step)
+        row = {"train/loss": train_metrics["loss"], "train/accuracy": train_metrics["accuracy"]}
+        if val is not None:
+            logits = predict_logits(training.model, val[0], training.params.eval_batch_size, "none",
+                                    training.params.amp)
+            row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
+        training.history.append(row)
+        training.epoch += 1
+        save_checkpoint(checkpoint, training)
+        log_epoch(training.epoch - 1, row)
+        print(f"epoch {training.epoch}/{training.epochs} "
+              + " ".join(f"{k} {v:.4f}" for k, v in row.items())
+              + f" ({time.perf_counter() - start:.1f} s)")
+    return time.perf_counter() - start

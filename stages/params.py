@@ -1,0 +1,219 @@
+"""Typed, strict loading of params.yaml: one frozen dataclass per stage section.
+
+`dvc exp run -S train.lrr=0.1` or `-S train.lr=abc` is accepted by DVC and written into
+params.yaml; these loaders refuse it before a stage writes anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.outputs import StageError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(StageError):
+    """A params.yaml value is unknown, missing, of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadParams:
+    url: str
+    md5: str
+    timeout: float  # seconds, for connecting and for each read
+    retries: int  # further attempts after the first, with exponential back-off
+
+    def check(self, section: str) -> None:
+        _require(len(self.md5) == 32 and all(c in "0123456789abcdef" for c in self.md5),
+                 f"{section}.md5", "32 lowercase hex digits", self.md5)
+        _require(self.timeout > 0, f"{section}.timeout", "a number of seconds > 0", self.timeout)
+        _require(0 <= self.retries <= 10, f"{section}.retries", "an integer in [0, 10]", self.retries)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+    val_fraction: float  # share of each class moved from the training batches to val
+    workers: int  # processes encoding PNGs
+
+    def check(self, section: str) -> None:
+        _require(0 <= self.val_fraction < 1, f"{section}.val_fraction", "a number in [0, 1)",
+                 self.val_fraction)
+        _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    arch: Literal["airbench", "lenet", "resnet18"]
+    epochs: float  # may be fractional, as airbench's 9.9: the last epoch stops early
+    batch_size: int
+    optimizer: Literal["sgd", "adam"]
+    lr: float  # per step for this batch_size
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    bias_lr_scale: float  # BatchNorm biases train with lr * this (airbench: 64)
+    label_smoothing: float
+    schedule: Literal["triangle", "cosine", "constant"]
+    warmup: float  # share of steps spent ramping the lr up
+    crop_padding: int  # pixels of reflect padding for random crops; 0 turns crops off
+    flip: bool
+    ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
+    ema_start: float  # share of training before averaging starts
+    whiten_bias_epochs: int  # airbench: train the whitening conv's bias this long, then freeze
+    tta: Literal["none", "flip", "flip_shift"]  # views averaged when evaluating
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    amp: bool  # bf16 autocast on CUDA and CPU
+    compile: bool
+    eval_batch_size: int
+
+    def check(self, section: str) -> None:
+        _require(self.epochs > 0, f"{section}.epochs", "a number > 0", self.epochs)
+        _require(self.batch_size >= 1, f"{section}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.lr > 0, f"{section}.lr", "a number > 0", self.lr)
+        _require(0 <= self.momentum < 1, f"{section}.momentum", "a number in [0, 1)", self.momentum)
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", "a number >= 0", self.weight_decay)
+        _require(self.bias_lr_scale > 0, f"{section}.bias_lr_scale", "a number > 0", self.bias_lr_scale)
+        _require(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", "a number in [0, 1)",
+                 self.label_smoothing)
+        _require(0 <= self.warmup < 1, f"{section}.warmup", "a number in [0, 1)", self.warmup)
+        _require(0 <= self.crop_padding <= 8, f"{section}.crop_padding", "an integer in [0, 8]",
+                 self.crop_padding)
+        _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
+        _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
+        _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",
+                 self.whiten_bias_epochs)
+        _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
+                 self.eval_batch_size)
+        _require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0),
+                 f"{section}.nesterov", "false when momentum is 0 (SGD requires it)", self.nesterov)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    """Finetune runs train's loop; the loop knobs not listed here come from the train section."""
+    init: str  # state_dict file to start from; also a dep of the stage in dvc.yaml
+    arch: Literal["airbench", "lenet", "resnet18"]  # must be the architecture `init` was saved from
+    epochs: float
+    batch_size: int
+    lr: float  # backbone learning rate
+    head_lr: float  # classifier head learning rate
+    freeze_epochs: int  # epochs that train only the head
+
+    def check(self, section: str) -> None:
+        _require(self.init != "", f"{section}.init", "a path to a state_dict file", self.init)
+        _require(self.epochs > 0, f"{section}.epochs", "a number > 0", self.epochs)
+        _require(self.batch_size >= 1, f"{section}.batch_size", "an integer >= 1", self.batch_size)
+        _require(self.lr > 0, f"{section}.lr", "a number > 0", self.lr)
+        _require(self.head_lr > 0, f"{section}.head_lr", "a number > 0", self.head_lr)
+        _require(0 <= self.freeze_epochs < self.epochs, f"{section}.freeze_epochs",
+                 f"an integer in [0, {section}.epochs)", self.freeze_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    misclassified: int  # how many wrong test images the grid shows
+
+    def check(self, section: str) -> None:
+        _require(self.batch_size >= 1, f"{section}.batch_size", "an integer >= 1", self.batch_size)
+        _require(0 <= self.misclassified <= 400, f"{section}.misclassified", "an integer in [0, 400]",
+                 self.misclassified)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml: a seed shared by every stage, and one section per stage."""
+    seed: int
+    download: DownloadParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+
+    def check(self, section: str) -> None:
+        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and check the whole file, so a typo anywhere stops every stage."""
+    return build(Params, read_yaml(path), "")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run the stage from the project root") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
+    return raw
+
+
+def build(cls: type, raw: object, section: str) -> Any:
+    """Build dataclass `cls` from `raw`, checking keys, types and ranges; names keys in full."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {section} must be a mapping of keys, found {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    full = {name: f"{section}.{name}" if section else name for name in names}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        found = [f"{section}.{k}" if section else str(k) for k in unknown]
+        raise ParamsError(f"params: unknown key(s) {found} (a typo in params.yaml or in "
+                          f"`dvc exp run -S`?); expected {list(full.values())}")
+    missing = [full[k] for k in names if k not in raw]
+    if missing:
+        raise ParamsError(f"params: missing key(s) {missing}; see the README's Params section")
+    values = {name: _convert(hints[name], raw[name], full[name]) for name in names}
+    params = cls(**values)
+    params.check(section)
+    return params
+
+
+def _convert(hint: Any, value: object, key: str) -> object:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices and type(value) is type(choices[0]), key, f"one of {list(choices)}",
+                 value)
+        return value
+    if hint is bool:
+        _require(type(value) is bool, key, "true or false", value)
+    elif hint is int:
+        _require(type(value) is int, key, "an integer", value)
+    elif hint is float:
+        # YAML reads 1e-3 as a string; accept it when it parses as a number, refuse anything else.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(type(value) in (int, float), key, "a number", value)
+        _require(value == value and abs(value) != float("inf"), key, "a finite number", value)
+        return float(value)
+    elif hint is str:
+        _require(type(value) is str, key, "a string", value)
+    else:
+        raise AssertionError(f"unsupported param type {hint} for {key}")
+    return value
+
+
+def _require(ok: bool, key: str, expected: str, found: object) -> None:
+    if not ok:
+        raise ParamsError(f"params: {key} must be {expected}, found {found!r} "
+                          f"(fix it in params.yaml or in `dvc exp run -S {key}=...`)")
+
+
+def as_dict(params: Any) -> dict:
+    """The dataclass as plain data, for model.json sidecars and logs."""
+    return dataclasses.asdict(params)
+

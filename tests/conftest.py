@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny data in the real CIFAR-10 format, and the project's params shrunk."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stages.extract import extract
+from stages.params import PreprocessParams
+from stages.preprocess import preprocess
+from tests.cifar_format import batch_members, write_tarball
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tarball(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A valid archive: 5 train batches and a test batch of 20 images each (2 per class)."""
+    path = tmp_path_factory.mktemp("raw") / "cifar-10-python.tar.gz"
+    md5 = write_tarball(path, batch_members())
+    return path, md5
+
+
+@pytest.fixture(scope="session")
+def batches_dir(tarball: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("extracted") / "cifar-10-batches-py"
+    extract(tarball[0], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_folder(batches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("images") / "images"
+    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.1, workers=2), seed=0)
+    return out
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project's pipeline files (no data, no venv) in a temporary directory."""
+    dest = tmp_path / "project"
+    dest.mkdir()
+    for name in ("stages", "dvc.yaml", "params.yaml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, dest / name)
+    return dest

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_project_params_load_into_typed_sections() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params.seed, int)
+    assert params.train.arch == "airbench"
+    assert 0 <= params.preprocess.val_fraction < 1
+    assert isinstance(params.train.lr, float)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["train"].update(lrr=0.1), "train.lrr"),
+    (lambda p: p.update(trian={"lr": 1}), "trian"),
+    (lambda p: p["train"].pop("lr"), "missing key(s) ['train.lr']"),
+    (lambda p: p.pop("seed"), "missing key(s) ['seed']"),
+    (lambda p: p["train"].update(lr="abc"), "train.lr must be a number, found 'abc'"),
+    (lambda p: p["train"].update(batch_size=2.5), "train.batch_size must be an integer, found 2.5"),
+    (lambda p: p["train"].update(nesterov="yes"), "train.nesterov must be true or false"),
+    (lambda p: p["train"].update(arch="vgg"), "train.arch must be one of"),
+    (lambda p: p["preprocess"].update(val_fraction=1.5), "preprocess.val_fraction must be a number in [0, 1)"),
+    (lambda p: p["download"].update(md5="xyz"), "download.md5 must be 32 lowercase hex digits"),
+    (lambda p: p["train"].update(lr=float("nan")), "train.lr must be a finite number"),
+    (lambda p: p.update(seed=-1), "seed must be an integer >= 0"),
+    (lambda p: p.update(train=[1, 2]), "train must be a mapping"),
+    (lambda p: p["finetune"].update(freeze_epochs=5), "finetune.freeze_epochs"),
+])
+def test_bad_params_are_refused_with_the_full_key(tmp_path: Path, edit, message: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(write_params(tmp_path, edit))
+    assert message in str(err.value)
+
+
+def test_numbers_written_as_strings_by_yaml_are_accepted(tmp_path: Path) -> None:
+    # PyYAML reads `1e-3` (no dot) as a string; it is still a number to a user.
+    path = write_params(tmp_path, lambda p: p["train"].update(lr="1e-3"))
+    assert load_params(path).train.lr == 0.001
+
+
+def test_unreadable_params_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed")
+    with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
+        load_params(path)
