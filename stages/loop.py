@@ -193,6 +193,9 @@ class Training:
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
         self.device = device
         self.optimizer = make_optimizer(params, groups)
+        # Compiled forward for training only; the state_dict is taken from the plain module so
+        # that its keys carry no `_orig_mod.` prefix.
+        self.forward = torch.compile(model) if params.compile else model
         self.total_steps = math.ceil(len(loader) * params.epochs)
         self.epochs = math.ceil(params.epochs)
         self.step = 0
@@ -206,18 +209,21 @@ class Training:
         for group, spec in zip(self.groups, self.optimizer.param_groups):
             spec["lr"] = group.lr * factor
 
-    def maybe_average(self) -> None:
+    def maybe_average(self, epoch_end: bool = False) -> None:
+        """Every `ema_every` steps once past `ema_start`, and at each epoch's end so that the
+        epoch ends on averaged weights. (airbench instead resets to the last average there,
+        discarding up to ema_every - 1 steps: harmless at 97 steps an epoch, not at 3.)"""
         every = self.params.ema_every
         progress = self.step / self.total_steps
-        if every == 0 or progress < self.params.ema_start or self.step % every:
+        if every == 0 or progress < self.params.ema_start:
             return
         if self.average is None:
             self.average = WeightAverage(self.model)
-        else:
+        elif (self.step % every == 0) != epoch_end:  # due now; or epoch end, not just done
             decay = EMA_DECAY_BASE ** every * progress ** EMA_DECAY_POW
             self.average.update(self.model, decay)
 
-    def run_epoch(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    def run_epoch(self) -> dict[str, float]:
         """One pass over the loader; returns train loss/accuracy read once at the end."""
         for group in self.groups:
             for p in group.params:
@@ -232,7 +238,7 @@ class Training:
             if self.step >= self.total_steps:
                 break
             self.set_lr()
-            logits, loss = step_fn(images, labels)
+            logits, loss = self.train_step(images, labels)
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)
             loss_sum += loss.detach() * len(labels)
@@ -240,8 +246,7 @@ class Training:
             seen += len(labels)
             self.step += 1
             self.maybe_average()
-        if self.average is not None:
-            self.average.update(self.model, decay=1.0)  # end the epoch on the averaged weights
+        self.maybe_average(epoch_end=True)
         if first_bad.item() >= 0:
             raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
                              f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
@@ -250,7 +255,7 @@ class Training:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.params.amp):
-            logits = self.model(images)
+            logits = self.forward(images)
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -308,7 +313,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         log_epoch(past, row)
     start = time.perf_counter()
     while training.epoch < training.epochs and training.step < training.total_steps:
-        train_metrics = training.run_epoch(training.train_step)
+        train_metrics = training.run_epoch()
         row = {"train/loss": train_metrics["loss"], "train/accuracy": train_metrics["accuracy"]}
         if val is not None:
             logits = predict_logits(training.model, val[0], training.params.eval_batch_size, "none",

@@ -5,9 +5,14 @@ and trains at its own learning rate.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torchvision
 from torch import nn
+
+from stages.outputs import StageError, atomic_dir
 
 ARCHS = ("airbench", "lenet", "resnet18")
 
@@ -41,6 +46,7 @@ class ResNet18(torchvision.models.ResNet):
     """
 
     HEAD = "fc."
+    STEM = ("conv1.weight",)  # may be re-initialised when its shape differs (ImageNet's 7x7)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
@@ -141,3 +147,32 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch == "resnet18":
         return ResNet18(num_classes)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def save_model(model: nn.Module, model_dir: Path, sidecar: dict) -> None:
+    """model.pt (a plain state_dict on the CPU) and model.json (arch, classes, normalization,
+    input_size, params, metrics), written together as one directory."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(model_dir) as tmp:
+        torch.save(state_dict, tmp / "model.pt")
+        (tmp / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def load_trained(model_dir: Path) -> tuple[nn.Module, dict]:
+    """Rebuild a saved model on the CPU from its directory; returns (model, sidecar)."""
+    try:
+        sidecar = json.loads((model_dir / "model.json").read_text())
+        arch, classes = sidecar["arch"], sidecar["classes"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise StageError(f"{model_dir / 'model.json'}: cannot read the model's sidecar ({err}); "
+                         "rerun the stage that wrote it") from None
+    if arch not in ARCHS:
+        raise StageError(f"{model_dir / 'model.json'}: unknown arch {arch!r}; expected one of {ARCHS}")
+    model = build_model(arch, len(classes))
+    try:
+        state_dict = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state_dict, strict=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise StageError(f"{model_dir / 'model.pt'}: cannot load it as a {arch} state_dict for "
+                         f"{len(classes)} classes ({str(err).splitlines()[0]})") from None
+    return model.eval(), sidecar

@@ -118,6 +118,7 @@ class FinetuneParams:
 class EvaluateParams:
     batch_size: int
     device: Literal["auto", "cpu", "cuda", "mps"]
+    amp: bool
     misclassified: int  # how many wrong test images the grid shows
 
     def check(self, section: str) -> None:

@@ -41,10 +41,13 @@ def dumps_py2(obj: object) -> bytes:
 
 
 def make_batch(rng: np.random.Generator, per_class: int, label: str) -> dict:
-    """A batch with `per_class` images of every class, shuffled; pixels random uint8."""
+    """A batch with `per_class` images of every class, shuffled. Each class has its own tint
+    under heavy noise, so a model can learn the task and a broken loop shows."""
     labels = [c for c in range(len(CLASSES)) for _ in range(per_class)]
     rng.shuffle(labels)
-    rows = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    tints = np.array([[25 * c, 225 - 25 * c, 128] for c in labels], dtype=np.int64)
+    noise = rng.integers(-60, 61, size=(len(labels), 3, 1024))
+    rows = np.clip(tints[:, :, None] + noise, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
     return {b"batch_label": label.encode(), b"labels": labels, b"data": rows,
             b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
 

@@ -1,0 +1,136 @@
+"""evaluate: trained models + the test split -> metrics/eval/<model>.json and plots
+
+usage: python -m stages.evaluate IMAGES_DIR METRICS_DIR PLOTS_DIR MODEL_DIR...
+
+For each MODEL_DIR (named e.g. models/train), writes METRICS_DIR/<name>.json (accuracy, loss,
+macro F1, per-class accuracy, flip and flip+shift test-time-augmented accuracy) and
+PLOTS_DIR/<name>/confusion.csv (for DVC's confusion template), per_class.csv and
+misclassified.png (a grid of wrong test images, true -> predicted).
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+
+from stages.data import decode_split, normalize, read_classes
+from stages.loop import loss_and_accuracy, pick_device, predict_logits, to_device
+from stages.model import load_trained
+from stages.outputs import StageError, atomic_dir, stage_main, write_json
+from stages.params import EvaluateParams, load_params
+
+TTA_LEVELS = ("none", "flip", "flip_shift")
+CELL_SCALE = 3  # 32 px images drawn at 96 px, so that they are recognisable
+LABEL_HEIGHT = 14
+GRID_COLUMNS = 8
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    flat = labels * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean over classes of 2 TP / (2 TP + FP + FN); a class never seen nor predicted scores 0."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    denominator = confusion.sum(0) + confusion.sum(1)
+    return (2 * tp / denominator.clamp_min(1)).mean().item()
+
+
+def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+          params: EvaluateParams) -> tuple[dict, torch.Tensor]:
+    """Metrics for one model; returns (metrics, predictions without TTA)."""
+    metrics: dict[str, float] = {}
+    predictions = None
+    for tta in TTA_LEVELS:
+        logits = predict_logits(model, images, params.batch_size, tta, params.amp)
+        loss, accuracy = loss_and_accuracy(logits, labels)
+        if tta == "none":
+            predictions = logits.argmax(1)
+            metrics.update(accuracy=round(accuracy, 5), loss=round(loss, 5))
+        else:
+            metrics[f"accuracy_tta_{tta}"] = round(accuracy, 5)
+    confusion = confusion_matrix(labels.cpu(), predictions.cpu(), len(classes))
+    metrics["macro_f1"] = round(macro_f1(confusion), 5)
+    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
+    for name, value in zip(classes, per_class.tolist()):
+        metrics[f"accuracy_{name}"] = round(value, 5)
+    return metrics, predictions
+
+
+def write_confusion(path: Path, labels: list[int], predictions: list[int], classes: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows([classes[a], classes[p]] for a, p in zip(labels, predictions))
+
+
+def write_per_class(path: Path, metrics: dict, classes: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "accuracy"])
+        writer.writerows([name, metrics[f"accuracy_{name}"]] for name in classes)
+
+
+def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                       classes: list[str], count: int) -> Image.Image:
+    """A grid of the first `count` wrong test images, each captioned `true>predicted`."""
+    wrong = torch.nonzero(labels != predictions).flatten()[:count].tolist()
+    cell = images.size(-1) * CELL_SCALE
+    rows = max(1, -(-len(wrong) // GRID_COLUMNS))
+    grid = Image.new("RGB", (GRID_COLUMNS * cell, rows * (cell + LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(grid)
+    for slot, index in enumerate(wrong):
+        x, y = (slot % GRID_COLUMNS) * cell, (slot // GRID_COLUMNS) * (cell + LABEL_HEIGHT)
+        image = torchvision.transforms.functional.to_pil_image(images[index])
+        grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
+        caption = f"{classes[labels[index]]}>{classes[predictions[index]]}"
+        draw.text((x + 2, y + cell + 1), caption[:16], fill="black")
+    return grid
+
+
+def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: list[Path],
+             params: EvaluateParams) -> None:
+    device = pick_device(params.device)
+    classes = read_classes(images_dir)
+    raw_images, labels = decode_split(images_dir / "test.csv", images_dir, len(classes))
+    device_images, device_labels = to_device(raw_images, device), labels.to(device)
+    results: dict[str, dict] = {}
+    with atomic_dir(plots_dir) as plots_tmp:
+        for model_dir in model_dirs:
+            model, sidecar = load_trained(model_dir)
+            if sidecar["classes"] != classes:
+                raise StageError(f"{model_dir}/model.json: classes {sidecar['classes']} differ from "
+                                 f"{images_dir}/classes.json {classes}")
+            stats = sidecar["normalization"]
+            images = normalize(device_images, stats["mean"], stats["std"])
+            metrics, predictions = score(model.to(device, memory_format=torch.channels_last), images,
+                                         device_labels, classes, params)
+            out = plots_tmp / model_dir.name
+            out.mkdir()
+            write_confusion(out / "confusion.csv", labels.tolist(), predictions.tolist(), classes)
+            write_per_class(out / "per_class.csv", metrics, classes)
+            misclassified_grid(raw_images, labels, predictions.cpu(), classes,
+                               params.misclassified).save(out / "misclassified.png")
+            results[model_dir.name] = metrics
+            print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))
+    for name, metrics in results.items():
+        write_json(metrics_dir / f"{name}.json", metrics)
+
+
+@stage_main
+def main() -> None:
+    if len(sys.argv) < 5:
+        raise SystemExit(__doc__)
+    images_dir, metrics_dir, plots_dir, *model_dirs = map(Path, sys.argv[1:])
+    evaluate(images_dir, metrics_dir, plots_dir, model_dirs, load_params().evaluate)
+
+
+if __name__ == "__main__":
+    main()

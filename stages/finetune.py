@@ -1,0 +1,118 @@
+"""finetune: a state_dict file + data/images -> models/finetune/{model.pt,model.json},
+metrics/finetune.json, DVCLive curves
+
+usage: python -m stages.finetune IMAGES_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
+
+Starts from `finetune.init` (the train stage's model, or a user's file such as torchvision's
+ImageNet ResNet-18 weights) and runs train's loop with per-group learning rates: the head at
+`finetune.head_lr`, the backbone at `finetune.lr` after `finetune.freeze_epochs` head-only
+epochs. Keys are matched by name and shape; the report of what loaded is printed and saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stages.loop import param_groups, pick_device
+from stages.model import build_model
+from stages.outputs import StageError, stage_main
+from stages.params import load_params
+from stages.run import Outputs, load_data, train_and_save
+
+PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict safely (weights_only) and strip wrapper prefixes from its keys."""
+    if not path.is_file():
+        raise StageError(f"finetune.init: {path} does not exist; run `dvc repro train` or "
+                         "point finetune.init at a state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"finetune.init: {path} is not a loadable weights-only state_dict "
+                         f"({first_line}); it is truncated, not a torch file, or holds code") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StageError(f"finetune.init: {path} must hold a dict of tensors (a state_dict), "
+                         f"found {type(state).__name__}")
+    return {strip_prefixes(str(k)): v for k, v in state.items()}
+
+
+def strip_prefixes(key: str) -> str:
+    while key.startswith(PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def match_weights(model: nn.Module, loaded: dict[str, torch.Tensor], path: Path) -> dict[str, list[str]]:
+    """Copy every backbone tensor from `loaded` into `model`; only the head and, when its
+    shape differs, the stem may stay freshly initialised. Returns the report."""
+    head, stems = model.HEAD, getattr(model, "STEM", ())
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "skipped": [], "reinitialised": []}
+    for key, target in own.items():
+        source = loaded.get(key)
+        if source is not None and source.shape == target.shape:
+            if source.is_floating_point() and not torch.isfinite(source).all():
+                raise StageError(f"finetune.init: {path}: {key} holds NaN or inf values")
+            report["loaded"].append(key)
+        elif key.startswith(head) or (key in stems and source is not None):
+            report["reinitialised"].append(key)
+        elif source is None:
+            raise StageError(f"finetune.init: {path} lacks backbone key {key!r} of "
+                             f"{type(model).__name__}; is finetune.arch the architecture it was saved from?")
+        else:
+            raise StageError(f"finetune.init: {path}: {key} has shape {tuple(source.shape)}, the "
+                             f"model needs {tuple(target.shape)}; only the classifier head may differ")
+    report["skipped"] = sorted(set(loaded) - set(report["loaded"]))
+    if not report["loaded"]:
+        raise StageError(f"finetune.init: {path}: no key matches {type(model).__name__}")
+    model.load_state_dict({**own, **{k: loaded[k] for k in report["loaded"]}}, strict=True)
+    return report
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@stage_main
+def main() -> None:
+    if len(sys.argv) != 6:
+        raise SystemExit(__doc__)
+    started = time.perf_counter()
+    images_dir, model_dir, metrics, live_dir, checkpoint = map(Path, sys.argv[1:])
+    all_params = load_params()
+    tune, seed = all_params.finetune, all_params.seed
+    params = dataclasses.replace(all_params.train, arch=tune.arch, epochs=tune.epochs,
+                                 batch_size=tune.batch_size, lr=tune.lr)
+    device = pick_device(params.device)
+    torch.manual_seed(seed)
+    init = Path(tune.init)
+    loaded = read_state_dict(init)
+    data = load_data(images_dir, device)
+    model = build_model(tune.arch, len(data.classes))
+    report = match_weights(model, loaded, init)
+    print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
+          f"{report['reinitialised']}, skipped {report['skipped']}")
+    model = model.to(device, memory_format=torch.channels_last)
+    groups = param_groups(model, model.HEAD, tune.lr, tune.head_lr, params.weight_decay,
+                          params.bias_lr_scale, freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
+    recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
+                "freeze_epochs": tune.freeze_epochs}
+    counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
+    result = train_and_save(model, groups, params, data, seed, device,
+                            Outputs(model_dir, metrics, live_dir, checkpoint), started, recorded,
+                            report={**counts, "init_report": report})
+    print("finetune: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
