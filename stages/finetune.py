@@ -14,14 +14,13 @@ import dataclasses
 import hashlib
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from stages.loop import param_groups, pick_device
-from stages.model import build_model
+from stages.model import build_model, load_weights
 from stages.outputs import StageError, stage_main
 from stages.params import load_params
 from stages.run import Outputs, load_data, train_and_save
@@ -35,11 +34,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise StageError(f"finetune.init: {path} does not exist; run `dvc repro train` or "
                          "point finetune.init at a state_dict file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"finetune.init: {path} is not a loadable weights-only state_dict "
-                         f"({first_line}); it is truncated, not a torch file, or holds code") from None
+        state = load_weights(path)
+    except StageError as err:
+        raise StageError(f"finetune.init: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StageError(f"finetune.init: {path} must hold a dict of tensors (a state_dict), "
                          f"found {type(state).__name__}")

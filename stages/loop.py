@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import BatchLoader
-from stages.model import FrozenScaleBatchNorm
+from stages.model import FrozenScaleBatchNorm, load_weights
 from stages.outputs import StageError, atomic_file
 from stages.params import TrainParams
 
@@ -293,10 +293,9 @@ def resume(checkpoint: Checkpoint, training: Training) -> bool:
     if not checkpoint.path.exists():
         return False
     try:
-        state = torch.load(checkpoint.path, map_location=training.device, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise StageError(f"{checkpoint.path}: unreadable checkpoint ({err}); delete it to "
-                         "start the training from scratch") from None
+        state = load_weights(checkpoint.path, training.device)
+    except StageError as err:
+        raise StageError(f"{err}; delete this checkpoint to train from scratch") from None
     if state.get("fingerprint") != checkpoint.fingerprint:
         print(f"{checkpoint.path}: written for other params or data; starting from scratch")
         return False

@@ -6,6 +6,8 @@ and trains at its own learning rate.
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -158,6 +160,21 @@ def save_model(model: nn.Module, model_dir: Path, sidecar: dict) -> None:
         (tmp / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """torch.load restricted to tensors and plain containers (weights_only=True): a file that
+    carries code is refused, never run. Every failure names the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"{path}: does not exist") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            zipfile.BadZipFile) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        reason = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
+        raise StageError(f"{path}: not a loadable weights-only torch file ({reason}); it is "
+                         "truncated, not a torch file, or holds code, which is never run") from None
+
+
 def load_trained(model_dir: Path) -> tuple[nn.Module, dict]:
     """Rebuild a saved model on the CPU from its directory; returns (model, sidecar)."""
     try:
@@ -169,10 +186,10 @@ def load_trained(model_dir: Path) -> tuple[nn.Module, dict]:
     if arch not in ARCHS:
         raise StageError(f"{model_dir / 'model.json'}: unknown arch {arch!r}; expected one of {ARCHS}")
     model = build_model(arch, len(classes))
+    state_dict = load_weights(model_dir / "model.pt")
     try:
-        state_dict = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict, strict=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise StageError(f"{model_dir / 'model.pt'}: cannot load it as a {arch} state_dict for "
                          f"{len(classes)} classes ({str(err).splitlines()[0]})") from None
     return model.eval(), sidecar

@@ -1,0 +1,41 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from stages.evaluate import confusion_matrix, evaluate, macro_f1
+from stages.model import build_model, save_model
+from stages.params import EvaluateParams
+from tests.cifar_format import CLASSES
+
+
+def test_confusion_matrix_and_macro_f1_match_a_hand_count() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 1, 0, 2])
+    confusion = confusion_matrix(labels, predictions, 3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # class F1: 0 -> 2*1/(2+1+1) = 0.5; 1 -> 2*2/(4+1) = 0.8; 2 -> 2*1/(2+1) = 2/3
+    assert macro_f1(confusion) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_path: Path) -> None:
+    stats = json.loads((image_folder / "normalization.json").read_text())
+    for name, arch in (("train", "lenet"), ("finetune", "airbench")):
+        save_model(build_model(arch, 10), tmp_path / "models" / name,
+                   {"arch": arch, "classes": CLASSES, "normalization": stats, "params": {}})
+    evaluate(image_folder, tmp_path / "metrics", tmp_path / "plots",
+             [tmp_path / "models" / "train", tmp_path / "models" / "finetune"],
+             EvaluateParams(batch_size=7, device="cpu", amp=False, misclassified=5))
+    for name in ("train", "finetune"):
+        metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+        per_class = [metrics[f"accuracy_{c}"] for c in CLASSES]
+        assert metrics["accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-4)  # 2 per class
+        assert {"loss", "macro_f1", "accuracy_tta_flip", "accuracy_tta_flip_shift"} <= set(metrics)
+        with open(tmp_path / "plots" / name / "confusion.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 20 and {r["actual"] for r in rows} == set(CLASSES)
+        grid = Image.open(tmp_path / "plots" / name / "misclassified.png")
+        assert grid.width == 8 * 96 and grid.height == 96 + 14

@@ -1,0 +1,116 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from stages.data import BatchLoader
+from stages.finetune import match_weights, read_state_dict
+from stages.loop import Training, param_groups
+from stages.model import build_model
+from stages.outputs import StageError
+from tests.test_loop import toy_data, train_params
+
+
+def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_own_state_dict_loads_every_key(tmp_path: Path) -> None:
+    source = build_model("airbench", 10)
+    model = build_model("airbench", 10)
+    path = saved(tmp_path, source.state_dict())
+    report = match_weights(model, read_state_dict(path), path)
+    assert report["loaded"] == list(model.state_dict()) and report["reinitialised"] == []
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_torchvision_imagenet_resnet18_swaps_head_and_stem(tmp_path: Path) -> None:
+    imagenet = torchvision.models.resnet18(num_classes=1000)  # the ImageNet checkpoint's layout
+    path = saved(tmp_path, imagenet.state_dict())
+    model = build_model("resnet18", 10)
+    report = match_weights(model, read_state_dict(path), path)
+    assert sorted(report["reinitialised"]) == ["conv1.weight", "fc.bias", "fc.weight"]
+    assert sorted(report["skipped"]) == ["conv1.weight", "fc.bias", "fc.weight"]
+    assert len(report["loaded"]) == len(model.state_dict()) - 3
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
+    source = build_model("lenet", 10).state_dict()
+    path = saved(tmp_path, {prefix + k: v for k, v in source.items()})
+    report = match_weights(build_model("lenet", 10), read_state_dict(path), path)
+    assert len(report["loaded"]) == len(source)
+
+
+def test_another_architecture_is_refused(tmp_path: Path) -> None:
+    path = saved(tmp_path, build_model("lenet", 10).state_dict())
+    with pytest.raises(StageError, match="lacks backbone key 'whiten.weight'.*finetune.arch"):
+        match_weights(build_model("airbench", 10), read_state_dict(path), path)
+
+
+def test_backbone_shape_mismatch_is_refused(tmp_path: Path) -> None:
+    state = build_model("lenet", 10).state_dict()
+    state["fc2.weight"] = torch.zeros(84, 99)
+    path = saved(tmp_path, state)
+    with pytest.raises(StageError, match=r"fc2.weight has shape \(84, 99\), the model needs \(84, 120\)"):
+        match_weights(build_model("lenet", 10), read_state_dict(path), path)
+
+
+def test_head_for_other_classes_is_reinitialised(tmp_path: Path) -> None:
+    path = saved(tmp_path, build_model("lenet", 100).state_dict())
+    report = match_weights(build_model("lenet", 10), read_state_dict(path), path)
+    assert report["reinitialised"] == ["fc3.weight", "fc3.bias"]
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    state = build_model("lenet", 10).state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = saved(tmp_path, state)
+    with pytest.raises(StageError, match="conv1.weight holds NaN or inf"):
+        match_weights(build_model("lenet", 10), read_state_dict(path), path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/pwned_by_weights', 'w').write('x')",))
+
+
+def test_bad_weight_files_are_refused_without_running_code(tmp_path: Path) -> None:
+    code = tmp_path / "code.pt"
+    with open(code, "wb") as f:
+        torch.save({"weight": torch.zeros(1), "payload": Exploit()}, f)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(saved(tmp_path, {"w": torch.zeros(100)}).read_bytes()[:200])
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"w": [1, 2]}))
+    listed = saved(tmp_path, [torch.zeros(1)], "list.pt")
+    for path, message in [(code, "Unsupported global: GLOBAL exec"), (truncated, "not a loadable"),
+                          (plain, "not a loadable"), (listed, "must hold a dict of tensors"),
+                          (tmp_path / "missing.pt", "does not exist")]:
+        with pytest.raises(StageError, match=message):
+            read_state_dict(path)
+    assert not Path("/tmp/pwned_by_weights").exists()
+
+
+def test_freeze_epochs_train_only_the_head_first() -> None:
+    params = train_params(arch="lenet", optimizer="adam", lr=0.01, epochs=2.0, batch_size=50, amp=False,
+                          ema_every=0)
+    model = build_model("lenet", 2)
+    backbone = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("fc3.")}
+    head = model.fc3.weight.clone()
+    images, labels = toy_data()
+    loader = BatchLoader(images, labels, 50, crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)
+    groups = param_groups(model, model.HEAD, 0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0)
+    training = Training(model, groups, params, loader, torch.device("cpu"))
+    training.run_epoch()
+    assert all(torch.equal(p, backbone[k]) for k, p in model.named_parameters() if k in backbone)
+    assert not torch.equal(model.fc3.weight, head)
+    training.epoch += 1
+    training.run_epoch()
+    assert not torch.equal(model.fc1.weight, backbone["fc1.weight"])
