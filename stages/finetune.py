@@ -94,7 +94,7 @@ def main() -> None:
     torch.manual_seed(seed)
     init = Path(tune.init)
     loaded = read_state_dict(init)
-    data = load_data(images_dir, device)
+    data = load_data(images_dir, device, params.workers)
     model = build_model(tune.arch, len(data.classes))
     report = match_weights(model, loaded, init)
     print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "

@@ -70,6 +70,8 @@ class TrainParams:
     amp: bool  # bf16 autocast on CUDA and CPU
     compile: bool
     eval_batch_size: int
+    workers: int  # threads decoding the PNGs once, before training
+
 
     def check(self, section: str) -> None:
         _require(self.epochs > 0, f"{section}.epochs", "a number > 0", self.epochs)
@@ -89,6 +91,7 @@ class TrainParams:
                  self.whiten_bias_epochs)
         _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
                  self.eval_batch_size)
+        _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
         _require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0),
                  f"{section}.nesterov", "false when momentum is 0 (SGD requires it)", self.nesterov)
 

@@ -20,9 +20,6 @@ from stages.model import save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
 
-DECODE_WORKERS = 2
-
-
 @dataclass(frozen=True)
 class Data:
     """The splits a training stage needs, decoded once and normalized on the device."""
@@ -35,17 +32,17 @@ class Data:
 
 
 def load_split(root: Path, split: str, classes: list[str], stats: dict[str, list[float]],
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = decode_split(root / f"{split}.csv", root, len(classes), DECODE_WORKERS)
+               device: torch.device, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = decode_split(root / f"{split}.csv", root, len(classes), workers)
     return normalize(to_device(images, device), stats["mean"], stats["std"]), labels.to(device)
 
 
-def load_data(root: Path, device: torch.device) -> Data:
+def load_data(root: Path, device: torch.device, workers: int) -> Data:
     classes = read_classes(root)
     stats = read_normalization(root)
-    train_images, train_labels = load_split(root, "train", classes, stats, device)
+    train_images, train_labels = load_split(root, "train", classes, stats, device, workers)
     has_val = (root / "val.csv").exists()
-    val = load_split(root, "val", classes, stats, device) if has_val else None
+    val = load_split(root, "val", classes, stats, device, workers) if has_val else None
     digest = hashlib.sha256()
     for name in ("train.csv", "val.csv", "normalization.json"):
         if (root / name).exists():

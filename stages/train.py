@@ -32,7 +32,7 @@ def main() -> None:
     params, seed = all_params.train, all_params.seed
     device = pick_device(params.device)
     torch.manual_seed(seed)
-    data = load_data(images_dir, device)
+    data = load_data(images_dir, device, params.workers)
     model = build_model(params.arch, len(data.classes)).to(device, memory_format=torch.channels_last)
     if isinstance(model, AirbenchNet):
         init_whitening(model.whiten, data.train_images[:WHITENING_IMAGES])
