@@ -9,6 +9,7 @@ The md5 is checked before the .part file is renamed into place.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import sys
 import time
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.outputs import StageError, stage_main
+from stages.outputs import StageError, stage_main, storage_errors
 from stages.params import DownloadParams, load_params
 
 CHUNK = 1 << 20
+BACKOFF_SECONDS = 1.0  # first wait between attempts; doubles each time, at most 30 s
 OFFLINE_HINT = ("if this machine is offline, build or copy the archive locally and point "
                 "download.url at it (a file:// URL or a plain path) with its md5 in download.md5; "
                 "see the README's 'Offline data' section")
@@ -56,11 +58,19 @@ def local_source(url: str) -> Path | None:
 def copy_local(source: Path, part: Path) -> None:
     if not source.is_file():
         raise StageError(f"download.url: {source} is not a file; {OFFLINE_HINT}")
-    with open(source, "rb") as src, open(part, "wb") as dst, \
+    with storage_errors(part), open(source, "rb") as src, open(part, "wb") as dst, \
             tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc="copy") as bar:
         while block := src.read(CHUNK):
             dst.write(block)
             bar.update(len(block))
+
+
+def read_block(response: http.client.HTTPResponse, got: int) -> bytes:
+    """The next chunk of the body; a network failure here is worth a retry."""
+    try:
+        return response.read(CHUNK)
+    except (TimeoutError, OSError, http.client.HTTPException) as err:
+        raise RetryableError(f"transfer broke off after {got} bytes: {err}") from None
 
 
 def fetch_once(url: str, part: Path, timeout: float) -> None:
@@ -90,15 +100,12 @@ def fetch_once(url: str, part: Path, timeout: float) -> None:
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         got = have
-        with open(part, "ab" if resumed else "wb") as out, \
+        with storage_errors(part), open(part, "ab" if resumed else "wb") as out, \
                 tqdm(total=total, initial=have, unit="B", unit_scale=True, desc="download") as bar:
-            try:
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    got += len(block)
-                    bar.update(len(block))
-            except (TimeoutError, OSError) as err:
-                raise RetryableError(f"transfer broke off after {got} bytes: {err}") from None
+            while block := read_block(response, got):
+                out.write(block)
+                got += len(block)
+                bar.update(len(block))
         if total is not None and got < total:
             raise RetryableError(f"transfer ended after {got} of {total} bytes")
 
@@ -113,7 +120,7 @@ def fetch(url: str, part: Path, timeout: float, retries: int) -> None:
             if attempt == retries:
                 raise StageError(f"download {url}: {err} (gave up after {retries + 1} attempts); "
                                  f"{OFFLINE_HINT}") from None
-            wait = min(2 ** attempt, 30)
+            wait = min(BACKOFF_SECONDS * 2 ** attempt, 30.0)
             print(f"download {url}: {err}; retrying in {wait} s", file=sys.stderr)
             time.sleep(wait)
 

@@ -76,11 +76,20 @@ def copy_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -
         raise StageError(f"member {member.name!r}: read {written} bytes, header says {member.size}")
 
 
+def check_gzip(tarball: Path) -> None:
+    """Decompress the whole stream once: its CRC and length show truncation or corruption that
+    tarfile alone may take for the end of the archive."""
+    with gzip.open(tarball, "rb") as stream:
+        while stream.read(CHUNK):
+            pass
+
+
 def extract(tarball: Path, out: Path) -> None:
     """Extract the checked members of `tarball` into `out`, atomically."""
     if not tarball.is_file():
         raise StageError(f"{tarball}: not found; run `dvc repro download` first")
     try:
+        check_gzip(tarball)
         with tarfile.open(tarball, "r:gz") as archive:
             files = check_members(archive.getmembers(), tarball)
             with atomic_dir(out) as tmp:

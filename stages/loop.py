@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import BatchLoader
-from stages.model import FrozenScaleBatchNorm, load_weights
+from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
 from stages.params import TrainParams
 
@@ -284,8 +284,9 @@ class Training:
 
 
 def save_checkpoint(checkpoint: Checkpoint, training: Training) -> None:
+    payload = torch_bytes({"fingerprint": checkpoint.fingerprint, **training.state()})
     with atomic_file(checkpoint.path) as tmp:
-        torch.save({"fingerprint": checkpoint.fingerprint, **training.state()}, tmp)
+        tmp.write_bytes(payload)
 
 
 def resume(checkpoint: Checkpoint, training: Training) -> bool:
@@ -304,6 +305,17 @@ def resume(checkpoint: Checkpoint, training: Training) -> bool:
     return True
 
 
+def epoch_row(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+    """Train one epoch; its DVCLive row of train (and val) loss and accuracy."""
+    train_metrics = training.run_epoch()
+    row = {"train/loss": train_metrics["loss"], "train/accuracy": train_metrics["accuracy"]}
+    if val is not None:
+        logits = predict_logits(training.model, val[0], training.params.eval_batch_size, "none",
+                                training.params.amp)
+        row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
+    return row
+
+
 def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         checkpoint: Checkpoint, log_epoch: Callable[[int, dict[str, float]], None]) -> float:
     """Train to the end, checkpointing each epoch; returns the training wall time in seconds."""
@@ -312,12 +324,12 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         log_epoch(past, row)
     start = time.perf_counter()
     while training.epoch < training.epochs and training.step < training.total_steps:
-        train_metrics = training.run_epoch()
-        row = {"train/loss": train_metrics["loss"], "train/accuracy": train_metrics["accuracy"]}
-        if val is not None:
-            logits = predict_logits(training.model, val[0], training.params.eval_batch_size, "none",
-                                    training.params.amp)
-            row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
+        try:
+            row = epoch_row(training, val)
+        except torch.OutOfMemoryError:
+            raise StageError(f"out of memory on {training.device} at epoch {training.epoch + 1} "
+                             f"with batch_size {training.params.batch_size} (eval_batch_size "
+                             f"{training.params.eval_batch_size}); lower them in params.yaml") from None
         training.history.append(row)
         training.epoch += 1
         save_checkpoint(checkpoint, training)

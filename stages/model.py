@@ -5,6 +5,7 @@ and trains at its own learning rate.
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import zipfile
@@ -151,12 +152,20 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
+def torch_bytes(obj: object) -> bytes:
+    """torch.save into memory: written by Python, a full disk raises a plain OSError (torch's
+    own file writer reports it as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_model(model: nn.Module, model_dir: Path, sidecar: dict) -> None:
     """model.pt (a plain state_dict on the CPU) and model.json (arch, classes, normalization,
     input_size, params, metrics), written together as one directory."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(model_dir) as tmp:
-        torch.save(state_dict, tmp / "model.pt")
+        (tmp / "model.pt").write_bytes(torch_bytes(state_dict))
         (tmp / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
 
 

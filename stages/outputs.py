@@ -5,6 +5,7 @@ A failed stage then leaves nothing that DVC or the next stage could take for a r
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -14,13 +15,35 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+# Write failures that the user fixes on the machine, not in the code.
+STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit was hit",
+                  errno.EDQUOT: "the disk quota is exceeded"}
+
+
+class StageError(Exception):
+    """An expected failure (bad input, bad params, full disk): one message, exit status 1."""
+
+
+@contextlib.contextmanager
+def storage_errors(dest: Path) -> Iterator[None]:
+    """Turn a full disk (or file-size limit) while writing `dest` into a StageError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        raise StageError(f"{dest}: cannot write it, {STORAGE_ERRORS[err.errno]} ({err.strerror}); "
+                         "free space and rerun: nothing partial was kept") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `dest`; on success it replaces `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        yield tmp
+        with storage_errors(dest):
+            yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -37,9 +60,10 @@ def atomic_file(dest: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with storage_errors(dest):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -49,10 +73,6 @@ def write_json(dest: Path, data: object) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_file(dest) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-class StageError(Exception):
-    """An expected failure (bad input, bad params): printed as one message, exit status 1."""
 
 
 def stage_main(main: Callable[[], None]) -> Callable[[], None]:

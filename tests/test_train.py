@@ -16,7 +16,7 @@ from tests.test_loop import make_training, toy_data
 def stage_dir(tmp_path: Path, image_folder: Path, **train_changes) -> Path:
     """A working directory with the project's params, shrunk, and the test image folder."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(epochs=2.0, batch_size=30, eval_batch_size=50, **train_changes)
+    params["train"].update({"epochs": 2.0, "batch_size": 30, "eval_batch_size": 50, **train_changes})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "images").symlink_to(image_folder)
