@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.time_to_accuracy
 
 # Offline: rebuild the archive from ../shared/data and point params.yaml at it.
 local-data: setup

@@ -74,7 +74,7 @@ def test_dvc_repro_preprocess_builds_the_image_folder_once(project: Path, tarbal
 def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> None:
     repo = init_repo(project, tarball)
     first = dvc(repo, "repro")
-    for stage in ("download", "extract", "preprocess", "train", "finetune", "evaluate"):
+    for stage in ("download", "extract", "preprocess", "train", "finetune", "export", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     for name in ("train", "finetune"):
         assert (repo / "models" / name / "model.pt").is_file()
@@ -82,6 +82,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
         assert sidecar["arch"] == "airbench" and len(sidecar["classes"]) == 10
         evaluation = json.loads((repo / "metrics" / "eval" / f"{name}.json").read_text())
         assert 0 <= evaluation["accuracy"] <= 1 and "accuracy_tta_flip" in evaluation
+    assert (repo / "models" / "export" / "model.pt2").is_file()
     report = json.loads((repo / "metrics" / "finetune.json").read_text())["init_report"]
     assert report["reinitialised"] == [] and "head.weight" in report["loaded"]
 

@@ -1,0 +1,69 @@
+"""Benchmark 4: test accuracy and train-stage wall time with the default params, per seed.
+
+usage: python -m bench.time_to_accuracy [IMAGES_DIR] [SEEDS...]   (default: data/images 0 1 2)
+
+Runs the real train stage (`python -m stages.train`, everything it does counts) once per seed
+in a scratch directory, then scores its model on the test split with the stage's TTA.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.data import decode_split, normalize, read_classes
+from stages.loop import loss_and_accuracy, predict_logits
+from stages.model import load_trained
+from stages.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_once(images_dir: Path, seed: int, work: Path) -> float:
+    """Run the train stage with `seed`; returns its wall time in seconds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seed"] = seed
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stages.train", str(images_dir.resolve()), "model",
+                    "metrics.json", "live", "checkpoint.pt"], cwd=work, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def test_accuracy(images_dir: Path, model_dir: Path, tta: str) -> float:
+    model, sidecar = load_trained(model_dir)
+    images, labels = decode_split(images_dir / "test.csv", images_dir, len(read_classes(images_dir)))
+    images = normalize(images, sidecar["normalization"]["mean"], sidecar["normalization"]["std"])
+    logits = predict_logits(model, images, 1000, tta, amp=True)
+    return loss_and_accuracy(logits, labels)[1]
+
+
+def main() -> None:
+    images_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/images")
+    seeds = [int(s) for s in sys.argv[2:]] or [0, 1, 2]
+    tta = load_params(ROOT / "params.yaml").train.tta
+    accuracies, seconds = [], []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds.append(train_once(images_dir, seed, Path(tmp)))
+            accuracies.append(test_accuracy(images_dir, Path(tmp) / "model", tta))
+            stage = json.loads((Path(tmp) / "metrics.json").read_text())
+        print(f"seed {seed}: test accuracy ({tta}) {accuracies[-1]:.4f}, train stage "
+              f"{seconds[-1]:.0f} s (training {stage['train_seconds']:.0f} s)", flush=True)
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    print(f"4. time to accuracy over seeds {seeds}: test accuracy {statistics.mean(accuracies):.4f} "
+          f"+- {spread:.4f}, train stage {statistics.mean(seconds):.0f} s "
+          f"(min {min(seconds):.0f}, max {max(seconds):.0f}); goal >= 0.91 within 450 s")
+
+
+if __name__ == "__main__":
+    main()
