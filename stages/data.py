@@ -177,8 +177,12 @@ class BatchLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 crop_padding: int, flip: bool, shuffle: bool, drop_last: bool, seed: int) -> None:
+                 crop_padding: int, flip: bool, shuffle: bool, drop_last: bool, seed: int,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.images, self.labels = images, labels
+        # (rank, world): every rank draws the same global batches (same seed) and keeps its
+        # strided share, so the union over ranks is exactly the single-process batch.
+        self.rank, self.world = shard
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
         # CPU generator: its stream is the same on every device, so runs reproduce anywhere.
@@ -211,5 +215,5 @@ class BatchLoader:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(images.device)
         for i in range(len(self)):
-            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            index = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
             yield images[index], self.labels[index]

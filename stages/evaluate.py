@@ -18,7 +18,8 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from stages.data import decode_split, normalize, read_classes
-from stages.loop import loss_and_accuracy, pick_device, predict_logits, to_device
+from stages.devices import pick_device
+from stages.loop import loss_and_accuracy, predict_logits, to_device
 from stages.model import load_trained
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.params import EvaluateParams, load_params

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.loop import param_groups, pick_device
+from stages.devices import Ranks, start, stop
+from stages.loop import param_groups
 from stages.model import build_model, load_weights
 from stages.outputs import StageError, stage_main
-from stages.params import load_params
+from stages.params import FinetuneParams, TrainParams, load_params
 from stages.run import Outputs, load_data, train_and_save
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
@@ -80,6 +81,27 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def finetune(images_dir: Path, tune: FinetuneParams, params: TrainParams, seed: int, ranks: Ranks,
+             device: torch.device, outputs: Outputs, started: float) -> dict:
+    torch.manual_seed(seed)
+    init = Path(tune.init)
+    loaded = read_state_dict(init)
+    data = load_data(images_dir, device, params.workers)
+    model = build_model(tune.arch, len(data.classes))
+    report = match_weights(model, loaded, init)
+    if ranks.main:
+        print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
+              f"{report['reinitialised']}, skipped {report['skipped']}")
+    model = model.to(device, memory_format=torch.channels_last)
+    groups = param_groups(model, model.HEAD, tune.lr, tune.head_lr, params.weight_decay,
+                          params.bias_lr_scale, freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
+    recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
+                "freeze_epochs": tune.freeze_epochs}
+    counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
+    return train_and_save(model, groups, params, data, seed, device, ranks, outputs, started,
+                          recorded, report={**counts, "init_report": report})
+
+
 @stage_main
 def main() -> None:
     if len(sys.argv) != 6:
@@ -88,27 +110,17 @@ def main() -> None:
     images_dir, model_dir, metrics, live_dir, checkpoint = map(Path, sys.argv[1:])
     all_params = load_params()
     tune, seed = all_params.finetune, all_params.seed
+    # finetune runs train's loop: the train section's knobs, with finetune's own overrides
     params = dataclasses.replace(all_params.train, arch=tune.arch, epochs=tune.epochs,
                                  batch_size=tune.batch_size, lr=tune.lr)
-    device = pick_device(params.device)
-    torch.manual_seed(seed)
-    init = Path(tune.init)
-    loaded = read_state_dict(init)
-    data = load_data(images_dir, device, params.workers)
-    model = build_model(tune.arch, len(data.classes))
-    report = match_weights(model, loaded, init)
-    print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
-          f"{report['reinitialised']}, skipped {report['skipped']}")
-    model = model.to(device, memory_format=torch.channels_last)
-    groups = param_groups(model, model.HEAD, tune.lr, tune.head_lr, params.weight_decay,
-                          params.bias_lr_scale, freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
-    recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
-                "freeze_epochs": tune.freeze_epochs}
-    counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
-    result = train_and_save(model, groups, params, data, seed, device,
-                            Outputs(model_dir, metrics, live_dir, checkpoint), started, recorded,
-                            report={**counts, "init_report": report})
-    print("finetune: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    ranks, device = start(params.device, params.batch_size)
+    try:
+        result = finetune(images_dir, tune, params, seed, ranks, device,
+                          Outputs(model_dir, metrics, live_dir, checkpoint), started)
+    finally:
+        stop()
+    if ranks.main:
+        print("finetune: " + ", ".join(f"{k} {v}" for k, v in result.items()))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import BatchLoader
+from stages.devices import Ranks, all_sum, wrap
 from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
 from stages.params import TrainParams
@@ -27,17 +28,6 @@ TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
 # Weight averaging (airbench's lookahead-style EMA): per-update decay 0.95^every, scaled by
 # (progress)^3 so it averages lightly early and strongly at the end.
 EMA_DECAY_BASE, EMA_DECAY_POW = 0.95, 3.0
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` takes CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available[name]:
-        raise StageError(f"params: device {name!r} is not available on this machine; "
-                         "set it to auto or cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -189,13 +179,14 @@ class Training:
     """Runs the loop over epochs; state lives here so a checkpoint can restore all of it."""
 
     def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
-                 loader: BatchLoader, device: torch.device) -> None:
+                 loader: BatchLoader, device: torch.device, ranks: Ranks = Ranks()) -> None:
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
-        self.device = device
+        self.device, self.ranks = device, ranks
         self.optimizer = make_optimizer(params, groups)
-        # Compiled forward for training only; the state_dict is taken from the plain module so
-        # that its keys carry no `_orig_mod.` prefix.
-        self.forward = torch.compile(model) if params.compile else model
+        # DDP-wrapped and compiled forward for training only; the state_dict is taken from the
+        # plain module, so its keys carry no `module.` or `_orig_mod.` prefix.
+        forward = wrap(model, ranks, device, [p for g in groups for p in g.params])
+        self.forward = torch.compile(forward) if params.compile else forward
         self.total_steps = math.ceil(len(loader) * params.epochs)
         self.epochs = math.ceil(params.epochs)
         self.step = 0
@@ -250,7 +241,9 @@ class Training:
         if first_bad.item() >= 0:
             raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
                              f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
-        return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+        totals = all_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                      torch.tensor(float(seen), device=self.device)]), self.ranks)
+        return {"loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()}
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -320,18 +313,21 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         checkpoint: Checkpoint, log_epoch: Callable[[int, dict[str, float]], None]) -> float:
     """Train to the end, checkpointing each epoch; returns the training wall time in seconds."""
     resume(checkpoint, training)
+    main = training.ranks.main
     for past, row in enumerate(training.history):
         log_epoch(past, row)
     start = time.perf_counter()
     while training.epoch < training.epochs and training.step < training.total_steps:
         try:
-            row = epoch_row(training, val)
+            row = epoch_row(training, val if main else None)
         except torch.OutOfMemoryError:
             raise StageError(f"out of memory on {training.device} at epoch {training.epoch + 1} "
                              f"with batch_size {training.params.batch_size} (eval_batch_size "
                              f"{training.params.eval_batch_size}); lower them in params.yaml") from None
         training.history.append(row)
         training.epoch += 1
+        if not main:
+            continue
         save_checkpoint(checkpoint, training)
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "

@@ -14,6 +14,7 @@ from dvclive import Live
 from torch import nn
 
 from stages.data import BatchLoader, decode_split, normalize, read_classes, read_normalization
+from stages.devices import Ranks
 from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_logits,
                          to_device)
 from stages.model import save_model
@@ -67,18 +68,24 @@ class Outputs:
 
 
 def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, data: Data,
-                   seed: int, device: torch.device, outputs: Outputs, started: float,
-                   recorded: dict, report: dict) -> dict:
+                   seed: int, device: torch.device, ranks: Ranks, outputs: Outputs,
+                   started: float, recorded: dict, report: dict) -> dict:
     """Run the loop, then write model.pt, model.json and the metrics file; returns the metrics.
 
     `recorded` holds the stage's own params beyond `params` (saved in model.json, and part of
-    the checkpoint fingerprint); `report` is added to the metrics file as it is.
+    the checkpoint fingerprint); `report` is added to the metrics file as it is. Under
+    torchrun only rank 0 logs and writes; the other ranks return empty metrics.
     """
     loader = BatchLoader(data.train_images, data.train_labels, params.batch_size,
                          crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
-                         drop_last=len(data.train_labels) >= params.batch_size, seed=seed)
-    training = Training(model, groups, params, loader, device)
-    checkpoint = Checkpoint(outputs.checkpoint, fingerprint(params, seed, data.fingerprint, recorded))
+                         drop_last=len(data.train_labels) >= params.batch_size, seed=seed,
+                         shard=(ranks.rank, ranks.world))
+    training = Training(model, groups, params, loader, device, ranks)
+    checkpoint = Checkpoint(outputs.checkpoint,
+                            fingerprint(params, seed, data.fingerprint, recorded, ranks.world))
+    if not ranks.main:
+        fit(training, None, checkpoint, lambda epoch, row: None)
+        return {}
     with Live(str(outputs.live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
             live.step = epoch

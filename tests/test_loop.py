@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from stages.data import BatchLoader, random_crop
-from stages.loop import (Training, WeightAverage, lr_factor, param_groups, pick_device,
-                         predict_logits, tta_views)
+from stages.devices import pick_device
+from stages.loop import Training, WeightAverage, lr_factor, param_groups, predict_logits, tta_views
 from stages.model import AirbenchNet, build_model
 from stages.outputs import StageError
 from stages.params import load_params

@@ -1,0 +1,71 @@
+"""Beyond one run: a queued sweep and a round trip through a DVC remote, for real."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_pipeline import dvc, git, init_repo
+
+pytestmark = pytest.mark.slow
+QUEUE_TIMEOUT_SECONDS = 600
+
+
+def committed_pipeline(project: Path, tarball) -> Path:
+    repo = init_repo(project, tarball)
+    dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    return repo
+
+
+def wait_for_queue(repo: Path) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; returns the last status."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(2)  # queued experiments run in worker processes; nothing to wait on but them
+    raise AssertionError(f"queue still busy after {QUEUE_TIMEOUT_SECONDS} s:\n{status}")
+
+
+def test_queued_sweep_runs_and_compares(project: Path, tarball) -> None:
+    repo = committed_pipeline(project, tarball)
+    dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.5,1.0")
+    try:
+        dvc(repo, "queue", "start", "-j", "2")
+        status = wait_for_queue(repo)
+    finally:
+        dvc(repo, "queue", "stop", "--kill", check=False)
+    assert status.count("Success") == 2, status
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    runs = [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
+    lrs = sorted(r["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in runs)
+    assert lrs == [0.5, 1.0]
+    for run in runs:
+        assert "accuracy" in run["data"]["metrics"]["metrics/eval/finetune.json"]["data"]
+    names = [r["name"] for r in runs]
+    diff = json.loads(dvc(repo, "plots", "diff", *names, "--json").stdout)
+    revisions = {rev for plot in diff["data"]["Training curves"] for rev in plot["revisions"]}
+    assert set(names) <= revisions
+
+
+def test_push_then_pull_restores_everything_from_a_remote(project: Path, tarball, tmp_path: Path) -> None:
+    repo = committed_pipeline(project, tarball)
+    dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    dvc(repo, "push")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for out in ("data", "models"):
+        shutil.rmtree(repo / out)
+    assert dvc(repo, "status", "-q", check=False).returncode == 1
+    dvc(repo, "pull")
+    assert dvc(repo, "status", "-q", check=False).returncode == 0
+    assert yaml.safe_load((repo / "dvc.lock").read_text()) == lock
+    assert len(list((repo / "data" / "images").glob("*/*/*.png"))) == 120
+    assert (repo / "models" / "finetune" / "model.pt").is_file()
