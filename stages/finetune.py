@@ -11,20 +11,19 @@ epochs. Keys are matched by name and shape; the report of what loaded is printed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stages.devices import Ranks, start, stop
+from stages.devices import Ranks
 from stages.loop import param_groups
 from stages.model import build_model, load_weights
 from stages.outputs import StageError, stage_main
 from stages.params import FinetuneParams, TrainParams, load_params
-from stages.run import Outputs, load_data, train_and_save
+from stages.run import Outputs, load_data, run_stage, train_and_save
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 
@@ -81,8 +80,8 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def finetune(images_dir: Path, tune: FinetuneParams, params: TrainParams, seed: int, ranks: Ranks,
-             device: torch.device, outputs: Outputs, started: float) -> dict:
+def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device, started: float,
+             *, tune: FinetuneParams, params: TrainParams, seed: int) -> dict:
     torch.manual_seed(seed)
     init = Path(tune.init)
     loaded = read_state_dict(init)
@@ -104,23 +103,13 @@ def finetune(images_dir: Path, tune: FinetuneParams, params: TrainParams, seed: 
 
 @stage_main
 def main() -> None:
-    if len(sys.argv) != 6:
-        raise SystemExit(__doc__)
-    started = time.perf_counter()
-    images_dir, model_dir, metrics, live_dir, checkpoint = map(Path, sys.argv[1:])
-    all_params = load_params()
-    tune, seed = all_params.finetune, all_params.seed
+    params = load_params()
+    tune = params.finetune
     # finetune runs train's loop: the train section's knobs, with finetune's own overrides
-    params = dataclasses.replace(all_params.train, arch=tune.arch, epochs=tune.epochs,
-                                 batch_size=tune.batch_size, lr=tune.lr)
-    ranks, device = start(params.device, params.batch_size)
-    try:
-        result = finetune(images_dir, tune, params, seed, ranks, device,
-                          Outputs(model_dir, metrics, live_dir, checkpoint), started)
-    finally:
-        stop()
-    if ranks.main:
-        print("finetune: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    loop_params = dataclasses.replace(params.train, arch=tune.arch, epochs=tune.epochs,
+                                      batch_size=tune.batch_size, lr=tune.lr)
+    run_stage("finetune", __doc__, loop_params,
+              functools.partial(finetune, tune=tune, params=loop_params, seed=params.seed))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from dvclive import Live
 from torch import nn
 
 from stages.data import BatchLoader, decode_split, normalize, read_classes, read_normalization
-from stages.devices import Ranks
+from stages.devices import Ranks, start, stop
 from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_logits,
                          to_device)
 from stages.model import save_model
@@ -56,6 +58,23 @@ def fingerprint(*parts: object) -> str:
     text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_stage(name: str, usage: str, params: TrainParams,
+              body: Callable[[Path, "Outputs", Ranks, torch.device, float], dict]) -> None:
+    """The main of train and finetune: paths from argv, torchrun's ranks (if any), the body,
+    one summary line from rank 0."""
+    if len(sys.argv) != 6:
+        raise SystemExit(usage)
+    started = time.perf_counter()
+    images_dir, *paths = map(Path, sys.argv[1:])
+    ranks, device = start(params.device, params.batch_size)
+    try:
+        metrics = body(images_dir, Outputs(*paths), ranks, device, started)
+    finally:
+        stop()
+    if ranks.main:
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
 
 @dataclass(frozen=True)
