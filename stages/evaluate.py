@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from stages.data import decode_split, normalize, read_classes
 from stages.devices import pick_device
-from stages.loop import loss_and_accuracy, predict_logits, to_device
+from stages.loop import loss_and_accuracy, predict_levels, to_device
 from stages.model import load_trained
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.params import EvaluateParams, load_params
@@ -47,16 +47,12 @@ def macro_f1(confusion: torch.Tensor) -> float:
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
           params: EvaluateParams) -> tuple[dict, torch.Tensor]:
     """Metrics for one model; returns (metrics, predictions without TTA)."""
-    metrics: dict[str, float] = {}
-    predictions = None
-    for tta in TTA_LEVELS:
-        logits = predict_logits(model, images, params.batch_size, tta, params.amp)
-        loss, accuracy = loss_and_accuracy(logits, labels)
-        if tta == "none":
-            predictions = logits.argmax(1)
-            metrics.update(accuracy=round(accuracy, 5), loss=round(loss, 5))
-        else:
-            metrics[f"accuracy_tta_{tta}"] = round(accuracy, 5)
+    logits = predict_levels(model, images, params.batch_size, list(TTA_LEVELS), params.amp)
+    loss, accuracy = loss_and_accuracy(logits["none"], labels)
+    metrics: dict[str, float] = {"accuracy": round(accuracy, 5), "loss": round(loss, 5)}
+    for tta in TTA_LEVELS[1:]:
+        metrics[f"accuracy_tta_{tta}"] = round(loss_and_accuracy(logits[tta], labels)[1], 5)
+    predictions = logits["none"].argmax(1)
     confusion = confusion_matrix(labels.cpu(), predictions.cpu(), len(classes))
     metrics["macro_f1"] = round(macro_f1(confusion), 5)
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)

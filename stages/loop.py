@@ -131,35 +131,48 @@ class WeightAverage:
                 value.copy_(self.average[key])
 
 
-def tta_views(images: torch.Tensor, tta: str) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs: the image; + its mirror; + mirrors of 1-pixel shifts up-left and
-    down-right (airbench's level 2): the weights sum to 1."""
-    if tta == "none":
-        return [(1.0, images)]
-    mirrored = [(0.5, images), (0.5, images.flip(-1))]
-    if tta == "flip":
-        return mirrored
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
-    views = [(0.5 * wt, v) for wt, v in mirrored]
-    for s in shifted:
-        views += [(0.125, s), (0.125, s.flip(-1))]
-    return views
+# Test-time augmentation (airbench's levels): the weights of the views that `tta_views` makes,
+# in its order. Each level's views are a prefix of the next, so all levels share one pass.
+TTA_WEIGHTS = {
+    "none": (1.0,),
+    "flip": (0.5, 0.5),
+    "flip_shift": (0.25, 0.25, 0.125, 0.125, 0.125, 0.125),
+}
+
+
+def tta_views(images: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """The first `count` of: the images, their mirror, a 1-pixel shift up-left and its mirror,
+    a 1-pixel shift down-right and its mirror."""
+    views = [images, images.flip(-1)]
+    if count > 2:
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+            views += [shifted, shifted.flip(-1)]
+    return views[:count]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: str,
-                   amp: bool) -> torch.Tensor:
-    """Float32 logits for normalized images (already on the model's device), TTA-averaged."""
+def predict_levels(model: nn.Module, images: torch.Tensor, batch_size: int, levels: list[str],
+                   amp: bool) -> dict[str, torch.Tensor]:
+    """Float32 logits per TTA level for normalized images on the model's device; each view is
+    computed once and shared by every level that uses it."""
     model.eval()
-    out = []
+    count = max(len(TTA_WEIGHTS[level]) for level in levels)
+    out: dict[str, list[torch.Tensor]] = {level: [] for level in levels}
     for batch in images.split(batch_size):
         with autocast(batch.device, amp):
-            logits = sum(wt * model(v.contiguous(memory_format=torch.channels_last)).float()
-                         for wt, v in tta_views(batch, tta))
-        out.append(logits)
-    return torch.cat(out)
+            logits = [model(v.contiguous(memory_format=torch.channels_last)).float()
+                      for v in tta_views(batch, count)]
+        for level in levels:
+            out[level].append(sum(w * x for w, x in zip(TTA_WEIGHTS[level], logits)))
+    return {level: torch.cat(chunks) for level, chunks in out.items()}
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: str,
+                   amp: bool) -> torch.Tensor:
+    """Float32 logits for normalized images (on the model's device), averaged over `tta`."""
+    return predict_levels(model, images, batch_size, [tta], amp)[tta]
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

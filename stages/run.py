@@ -17,11 +17,12 @@ from torch import nn
 
 from stages.data import BatchLoader, decode_split, normalize, read_classes, read_normalization
 from stages.devices import Ranks, start, stop
-from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_logits,
+from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels,
                          to_device)
 from stages.model import save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
+
 
 @dataclass(frozen=True)
 class Data:
@@ -129,10 +130,10 @@ def final_metrics(training: Training, data: Data, params: TrainParams, train_sec
                      "train_seconds": round(train_seconds, 2),
                      "images_per_second": round(images_seen / max(train_seconds, 1e-9), 1)}
     if data.val is not None:
-        for tta in dict.fromkeys(("none", params.tta)):
-            logits = predict_logits(training.model, data.val[0], params.eval_batch_size, tta,
-                                    params.amp)
-            loss, accuracy = loss_and_accuracy(logits, data.val[1])
+        levels = list(dict.fromkeys(("none", params.tta)))
+        logits = predict_levels(training.model, data.val[0], params.eval_batch_size, levels, params.amp)
+        for tta in levels:
+            loss, accuracy = loss_and_accuracy(logits[tta], data.val[1])
             suffix = "" if tta == "none" else f"_tta_{tta}"
             metrics[f"val_loss{suffix}"] = round(loss, 5)
             metrics[f"val_accuracy{suffix}"] = round(accuracy, 5)

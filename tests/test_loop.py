@@ -6,7 +6,8 @@ import torch
 
 from stages.data import BatchLoader, random_crop
 from stages.devices import pick_device
-from stages.loop import Training, WeightAverage, lr_factor, param_groups, predict_logits, tta_views
+from stages.loop import (TTA_WEIGHTS, Training, WeightAverage, lr_factor, param_groups,
+                         predict_levels, predict_logits, tta_views)
 from stages.model import AirbenchNet, build_model
 from stages.outputs import StageError
 from stages.params import load_params
@@ -87,14 +88,25 @@ def test_weight_average_moves_towards_the_model_and_copies_back() -> None:
 
 def test_tta_views_have_the_input_shape_and_weights_summing_to_one() -> None:
     images = torch.randn(3, 3, 8, 8)
-    for level, count in (("none", 1), ("flip", 2), ("flip_shift", 6)):
-        views = tta_views(images, level)
-        assert len(views) == count
-        assert all(v.shape == images.shape for _, v in views)
-        assert sum(w for w, _ in views) == pytest.approx(1.0)
-    logits = predict_logits(build_model("lenet", 4), torch.randn(15, 3, 32, 32), 4, "flip_shift",
-                            amp=False)
-    assert logits.shape == (15, 4) and logits.dtype == torch.float32
+    for level, weights in TTA_WEIGHTS.items():
+        views = tta_views(images, len(weights))
+        assert len(views) == len(weights) and sum(weights) == pytest.approx(1.0)
+        assert all(v.shape == images.shape for v in views)
+    plain, mirror, up_left, _, down_right, _ = tta_views(images, 6)
+    assert torch.equal(plain, images) and torch.equal(mirror, images.flip(-1))
+    assert torch.equal(up_left[..., 1:, 1:], images[..., :-1, :-1])
+    assert torch.equal(down_right[..., :-1, :-1], images[..., 1:, 1:])
+
+
+def test_shared_tta_pass_equals_separate_passes() -> None:
+    model = build_model("lenet", 4)
+    images = torch.randn(15, 3, 32, 32)
+    levels = predict_levels(model, images, 4, list(TTA_WEIGHTS), amp=False)
+    for level in TTA_WEIGHTS:
+        assert levels[level].shape == (15, 4) and levels[level].dtype == torch.float32
+        assert torch.allclose(levels[level], predict_logits(model, images, 7, level, amp=False), atol=1e-5)
+    views = [model.eval()(v) for v in tta_views(images, 2)]
+    assert torch.allclose(levels["flip"], (views[0] + views[1]) / 2, atol=1e-5)
 
 
 def toy_data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
