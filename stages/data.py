@@ -140,7 +140,7 @@ def decode_split(csv_path: Path, root: Path, num_classes: int,
     annotations = read_annotations(csv_path, root, num_classes)
     size = load_image(annotations.paths[0]).size
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), annotations.paths, chunksize=256))
+        arrays = list(pool.map(lambda p: _decode(p, size), annotations.paths))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(annotations.labels, dtype=torch.int64)
 

@@ -32,7 +32,7 @@ def check_members(members: list[tarfile.TarInfo], tarball: Path) -> dict[str, ta
         if member.isdir() and name.rstrip("/") == BASE_FOLDER:
             continue
         where = f"{tarball}: member {name!r}"
-        if not (member.isfile()):
+        if not member.isfile():
             raise StageError(f"{where} is a {_kind(member)}; only regular files are expected. "
                              "The archive is not the CIFAR-10 python version: delete it and "
                              "run `dvc repro download`")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,25 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
         assert refused.returncode != 0
         assert message in refused.stdout + refused.stderr
         git(repo, "checkout", "--", "params.yaml")
+
+
+def test_dvc_repro_after_sigkill_resumes_training(project: Path, tarball) -> None:
+    repo = init_repo(project, tarball)
+    set_param(repo, "train", "epochs", 4.0)
+    dvc(repo, "repro", "preprocess")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    for line in process.stdout:  # printed once the epoch's checkpoint is on disk
+        if line.startswith("epoch 2/4"):
+            os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
+            break
+    process.wait()
+    assert not (repo / "models" / "train").exists()
+    rerun = dvc(repo, "repro", "train")
+    assert "resuming after epoch 2" in rerun.stdout
+    curve = (repo / "dvclive/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(curve) == 5  # header + 4 epochs: the first two replayed from the checkpoint
+    assert dvc(repo, "status", "-q", "train", check=False).returncode == 0
