@@ -131,18 +131,16 @@ def download(params: DownloadParams, out: Path) -> None:
     out.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = local_source(params.url)
-    try:
-        if source is None:
-            fetch(params.url, part, params.timeout, params.retries)
-        else:
-            part.unlink(missing_ok=True)
+    if source is None:
+        fetch(params.url, part, params.timeout, params.retries)  # a failed .part stays, to resume
+    else:
+        part.unlink(missing_ok=True)
+        try:
             copy_local(source, part)
-        got = md5_of(part)
-    except BaseException:
-        # A network .part is kept so that the next run resumes it; a local copy is not.
-        if source is not None:
-            part.unlink(missing_ok=True)
-        raise
+        except (StageError, OSError):
+            part.unlink(missing_ok=True)  # a local copy is cheap to redo: keep no half file
+            raise
+    got = md5_of(part)
     if got != params.md5:
         part.unlink()
         raise StageError(f"{params.url}: md5 {got} does not match download.md5 {params.md5}; "
