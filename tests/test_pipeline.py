@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +51,7 @@ def init_repo(project: Path, tarball: tuple[Path, str]) -> Path:
     git(project, "config", "user.email", "test@example.com")
     git(project, "config", "user.name", "test")
     dvc(project, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's cache type
     git(project, "add", "-A")
     git(project, "commit", "-qm", "init")
     return project
