@@ -215,9 +215,3 @@ def _require(ok: bool, key: str, expected: str, found: object) -> None:
     if not ok:
         raise ParamsError(f"params: {key} must be {expected}, found {found!r} "
                           f"(fix it in params.yaml or in `dvc exp run -S {key}=...`)")
-
-
-def as_dict(params: Any) -> dict:
-    """The dataclass as plain data, for model.json sidecars and logs."""
-    return dataclasses.asdict(params)
-
