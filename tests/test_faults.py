@@ -8,7 +8,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
