@@ -1,6 +1,7 @@
 """Benchmark 4: test accuracy and train-stage wall time with the default params, per seed.
 
-usage: python -m bench.time_to_accuracy [IMAGES_DIR] [SEEDS...]   (default: data/images 0 1 2)
+usage: python -m bench.time_to_accuracy [IMAGES_DIR] [SEEDS...] [SECTION.KEY=VALUE...]
+       (default: data/images 0 1 2; e.g. `train.ema_every=0` runs an ablation)
 
 Runs the real train stage (`python -m stages.train`, everything it does counts) once per seed
 in a scratch directory, then scores its model on the test split with the stage's TTA.
@@ -26,10 +27,13 @@ from stages.params import load_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_once(images_dir: Path, seed: int, work: Path) -> float:
-    """Run the train stage with `seed`; returns its wall time in seconds."""
+def train_once(images_dir: Path, seed: int, overrides: dict[str, object], work: Path) -> float:
+    """Run the train stage with `seed` and `overrides`; returns its wall time in seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["seed"] = seed
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -49,12 +53,16 @@ def test_accuracy(images_dir: Path, model_dir: Path, tta: str) -> float:
 
 def main() -> None:
     images_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/images")
-    seeds = [int(s) for s in sys.argv[2:]] or [0, 1, 2]
-    tta = load_params(ROOT / "params.yaml").train.tta
+    args = sys.argv[2:]
+    seeds = [int(a) for a in args if "=" not in a] or [0, 1, 2]
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args if "=" in a)}
+    tta = overrides.get("train.tta", load_params(ROOT / "params.yaml").train.tta)
+    if overrides:
+        print(f"overrides: {overrides}")
     accuracies, seconds = [], []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            seconds.append(train_once(images_dir, seed, Path(tmp)))
+            seconds.append(train_once(images_dir, seed, overrides, Path(tmp)))
             accuracies.append(test_accuracy(images_dir, Path(tmp) / "model", tta))
             stage = json.loads((Path(tmp) / "metrics.json").read_text())
         print(f"seed {seed}: test accuracy ({tta}) {accuracies[-1]:.4f}, train stage "

@@ -70,7 +70,7 @@ class TrainParams:
     amp: bool  # bf16 autocast on CUDA and CPU
     compile: bool
     eval_batch_size: int
-    workers: int  # threads decoding the PNGs once, before training
+    workers: int  # processes decoding the PNGs once, before training
 
 
     def check(self, section: str) -> None:

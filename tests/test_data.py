@@ -37,6 +37,10 @@ def write_csv(folder: Path, rows: list[str], header: str = "path,label,class_nam
 @pytest.mark.parametrize("rows, header, message", [
     (["../outside.png,0,airplane"], "path,label,class_name", "is outside the image folder"),
     (["/etc/passwd,0,airplane"], "path,label,class_name", "is outside the image folder"),
+    (["a/../../outside.png,0,airplane"], "path,label,class_name", "is outside the image folder"),
+    (["a/../..,0,airplane"], "path,label,class_name", "is outside the image folder"),
+    (["evil.png,0,airplane"], "path,label,class_name", "is outside the image folder"),
+    (["linked/outside.png,0,airplane"], "path,label,class_name", "is outside the image folder"),
     (["test/airplane/0.png,x,airplane"], "path,label,class_name", "label must be an integer"),
     (["test/airplane/0.png,10,airplane"], "path,label,class_name", "label must be an integer in \\[0, 10\\)"),
     (["test/airplane/0.png,-1,airplane"], "path,label,class_name", "label must be an integer"),
@@ -46,6 +50,9 @@ def write_csv(folder: Path, rows: list[str], header: str = "path,label,class_nam
 def test_bad_csv_rows_are_refused_with_file_and_line(image_folder: Path, tmp_path, rows, header, message) -> None:
     folder = tmp_path / "folder"
     folder.mkdir()
+    (tmp_path / "outside.png").write_bytes(b"")
+    (folder / "evil.png").symlink_to(tmp_path / "outside.png")  # a file linked out of the folder
+    (folder / "linked").symlink_to(tmp_path)  # a directory linked out of it
     (folder / "classes.json").write_text((image_folder / "classes.json").read_text())
     csv_path = write_csv(folder, rows, header)
     with pytest.raises(StageError, match=message) as err:
@@ -56,6 +63,10 @@ def test_bad_csv_rows_are_refused_with_file_and_line(image_folder: Path, tmp_pat
 def test_duplicate_rows_are_refused(image_folder: Path) -> None:
     row = (image_folder / "test.csv").read_text().splitlines()[1]
     csv_path = write_csv(image_folder.parent, [row, row])
+    with pytest.raises(StageError, match="custom.csv:3: duplicate row"):
+        CsvImageDataset(csv_path, image_folder)
+    head, name = row.split(",")[0].rsplit("/", 1)
+    csv_path = write_csv(image_folder.parent, [row, f"{head}/./{name},0,x"])  # the same file, respelled
     with pytest.raises(StageError, match="custom.csv:3: duplicate row"):
         CsvImageDataset(csv_path, image_folder)
 

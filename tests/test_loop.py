@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from stages.data import BatchLoader, random_crop
+from stages.data import BatchLoader
 from stages.devices import pick_device
 from stages.loop import (TTA_WEIGHTS, Training, WeightAverage, lr_factor, param_groups,
                          predict_levels, predict_logits, tta_views)
@@ -26,13 +26,21 @@ def test_explicit_absent_device_is_an_error_not_a_fallback() -> None:
     assert pick_device("auto").type in ("cuda", "mps", "cpu")
 
 
-def test_random_crop_takes_exact_windows_of_the_padded_images() -> None:
-    images = torch.arange(6 * 2 * 8 * 8, dtype=torch.float32).view(6, 2, 8, 8)
-    generator = torch.Generator().manual_seed(0)
-    crops = random_crop(images, 4, generator)
-    for crop, image in zip(crops, images):
-        windows = [image[:, y:y + 4, x:x + 4] for y in range(5) for x in range(5)]
-        assert any(torch.equal(crop, w) for w in windows)
+def test_loader_crops_are_exact_windows_of_the_padded_images_at_varied_offsets() -> None:
+    n = 40
+    images = torch.arange(n * 2 * 8 * 8, dtype=torch.float32).view(n, 2, 8, 8)
+    loader = BatchLoader(images, torch.arange(n), 16, crop_padding=2, flip=False, shuffle=True,
+                         drop_last=False, seed=0)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for batch, labels in loader:
+        assert batch.shape == (len(labels), 2, 8, 8)
+        for crop, i in zip(batch, labels.tolist()):
+            found = [(y, x) for y in range(5) for x in range(5)
+                     if torch.equal(crop, padded[i, :, y:y + 8, x:x + 8])]
+            assert len(found) == 1
+            offsets.add(found[0])
+    assert len(offsets) > 10  # offsets vary per image, not one per batch
 
 
 def test_loader_yields_every_image_once_per_epoch_with_alternating_flips() -> None:
