@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from stages.data import decode_split, normalize, read_classes
-from stages.loop import loss_and_accuracy, predict_logits
+from stages.loop import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.model import load_trained
 from stages.params import load_params
 
@@ -43,12 +43,13 @@ def train_once(images_dir: Path, seed: int, overrides: dict[str, object], work: 
     return time.perf_counter() - start
 
 
-def test_accuracy(images_dir: Path, model_dir: Path, tta: str) -> float:
+def test_accuracies(images_dir: Path, model_dir: Path) -> dict[str, float]:
+    """Test accuracy at every TTA level, from one shared pass."""
     model, sidecar = load_trained(model_dir)
     images, labels = decode_split(images_dir / "test.csv", images_dir, len(read_classes(images_dir)))
     images = normalize(images, sidecar["normalization"]["mean"], sidecar["normalization"]["std"])
-    logits = predict_logits(model, images, 1000, tta, amp=True)
-    return loss_and_accuracy(logits, labels)[1]
+    levels = predict_levels(model, images, 1000, list(TTA_WEIGHTS), amp=True)
+    return {level: loss_and_accuracy(logits, labels)[1] for level, logits in levels.items()}
 
 
 def main() -> None:
@@ -63,9 +64,11 @@ def main() -> None:
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             seconds.append(train_once(images_dir, seed, overrides, Path(tmp)))
-            accuracies.append(test_accuracy(images_dir, Path(tmp) / "model", tta))
+            levels = test_accuracies(images_dir, Path(tmp) / "model")
+            accuracies.append(levels[tta])
             stage = json.loads((Path(tmp) / "metrics.json").read_text())
-        print(f"seed {seed}: test accuracy ({tta}) {accuracies[-1]:.4f}, train stage "
+        others = ", ".join(f"{level} {acc:.4f}" for level, acc in levels.items() if level != tta)
+        print(f"seed {seed}: test accuracy ({tta}) {accuracies[-1]:.4f} ({others}), train stage "
               f"{seconds[-1]:.0f} s (training {stage['train_seconds']:.0f} s)", flush=True)
     spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     print(f"4. time to accuracy over seeds {seeds}: test accuracy {statistics.mean(accuracies):.4f} "
