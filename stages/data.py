@@ -183,8 +183,8 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 
 def crop_windows(padded: torch.Tensor, size: int) -> torch.Tensor:
-    """Every size x size window of each padded image, as a view (no copy):
-    N x C x (r + 1) x (r + 1) x size x size, indexed [image, :, dy, dx]."""
+    """Every size x size window of each padded image, as a view (no copy): for padding p,
+    N x C x (2p + 1) x (2p + 1) x size x size, indexed [image, :, dy, dx]."""
     return padded.unfold(2, size, 1).unfold(3, size, 1)
 
 

@@ -14,6 +14,7 @@ this recipe uses (>= 128) local statistics are already stable.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,30 @@ def pick_device(name: str) -> torch.device:
         raise StageError(f"params: device {name!r} is not available on this machine; "
                          "set it to auto or cpu")
     return torch.device(name)
+
+
+class Stopwatch:
+    """Seconds since start, as the device sees them. CUDA queues kernels and returns at once,
+    so a host clock would time the queueing: there, events recorded on the stream time the
+    work. Reading waits for the device; the loop reads only at epoch ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start_event = None
+        if device.type == "cuda":
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.start_event is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self.start_event.elapsed_time(end) / 1000  # milliseconds
+        if self.device.type == "mps":
+            torch.mps.synchronize()
+        return time.perf_counter() - self.start
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import BatchLoader
-from stages.devices import Ranks, all_sum, wrap
+from stages.devices import Ranks, Stopwatch, all_sum, wrap
 from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
 from stages.params import TrainParams
@@ -329,7 +328,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
     main = training.ranks.main
     for past, row in enumerate(training.history):
         log_epoch(past, row)
-    start = time.perf_counter()
+    watch = Stopwatch(training.device)
     while training.epoch < training.epochs and training.step < training.total_steps:
         try:
             row = epoch_row(training, val if main else None)
@@ -345,5 +344,5 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "
               + " ".join(f"{k} {v:.4f}" for k, v in row.items())
-              + f" ({time.perf_counter() - start:.1f} s)")
-    return time.perf_counter() - start
+              + f" ({watch.seconds():.1f} s)")
+    return watch.seconds()
