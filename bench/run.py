@@ -20,6 +20,7 @@ import torch
 import torchvision.transforms as T
 
 from stages.data import BatchLoader, CsvImageDataset, decode_split, normalize, read_classes, read_normalization
+from stages.devices import pick_precision
 from stages.loop import Training, param_groups
 from stages.model import build_model
 from stages.params import load_params
@@ -112,7 +113,8 @@ def pipeline_throughput(images_dir: Path) -> float:
                          flip=params.flip, shuffle=True, drop_last=True, seed=0)
     model = build_model("lenet", len(classes)).to(memory_format=torch.channels_last)
     groups = param_groups(model, model.HEAD, params.lr, params.lr, 0.0, 1.0, 0, 0)
-    training = Training(model, groups, params, loader, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    training = Training(model, groups, params, loader, cpu, pick_precision(cpu, params.amp))
     seconds, _ = timed(training.run_epoch)
     return training.step * params.batch_size / seconds
 

@@ -17,9 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from stages.data import decode_split, normalize, read_classes
+from stages.devices import pick_precision
 from stages.loop import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.model import load_trained
 from stages.params import load_params
@@ -48,7 +50,8 @@ def test_accuracies(images_dir: Path, model_dir: Path) -> dict[str, float]:
     model, sidecar = load_trained(model_dir)
     images, labels = decode_split(images_dir / "test.csv", images_dir, len(read_classes(images_dir)))
     images = normalize(images, sidecar["normalization"]["mean"], sidecar["normalization"]["std"])
-    levels = predict_levels(model, images, 1000, list(TTA_WEIGHTS), amp=True)
+    cpu = torch.device("cpu")
+    levels = predict_levels(model, images, 1000, list(TTA_WEIGHTS), pick_precision(cpu, "auto").dtype)
     return {level: loss_and_accuracy(logits, labels)[1] for level, logits in levels.items()}
 
 

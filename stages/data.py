@@ -7,6 +7,7 @@ from it on the training device (`BatchLoader`), as airbench's CifarLoader does.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import multiprocessing
@@ -243,3 +244,42 @@ class BatchLoader:
         else:
             images = self.windows[index, :, shifts[index, 0], shifts[index, 1]]
         return images.flip(-1) if mirror else images
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a whole split once; pinned + non-blocking on CUDA, channels_last everywhere."""
+    if device.type == "cuda":
+        images = images.pin_memory().to(device, non_blocking=True)
+    else:
+        images = images.to(device)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The splits a training stage needs, decoded once and normalized on the device."""
+    classes: list[str]
+    normalization: dict[str, list[float]]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    fingerprint: str  # of the CSVs: a checkpoint from other data is not resumed
+
+
+def load_split(root: Path, split: str, classes: list[str], stats: dict[str, list[float]],
+               device: torch.device, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = decode_split(root / f"{split}.csv", root, len(classes), workers)
+    return normalize(to_device(images, device), stats["mean"], stats["std"]), labels.to(device)
+
+
+def load_data(root: Path, device: torch.device, workers: int) -> Data:
+    classes = read_classes(root)
+    stats = read_normalization(root)
+    train_images, train_labels = load_split(root, "train", classes, stats, device, workers)
+    has_val = (root / "val.csv").exists()
+    val = load_split(root, "val", classes, stats, device, workers) if has_val else None
+    digest = hashlib.sha256()
+    for name in ("train.csv", "val.csv", "normalization.json"):
+        if (root / name).exists():
+            digest.update((root / name).read_bytes())
+    return Data(classes, stats, train_images, train_labels, val, digest.hexdigest())

@@ -13,9 +13,14 @@ this recipe uses (>= 128) local statistics are already stable.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,38 +30,124 @@ from stages.outputs import StageError
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` takes CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    """`auto` takes CUDA, then MPS, then CPU, and says why when a CUDA build finds no GPU; an
+    explicit device that is absent is an error."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available[name]:
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+        if name == "cpu" and torch.version.cuda is not None:
+            print(f"device auto: torch {torch.__version__} is built for CUDA {torch.version.cuda}, "
+                  "but no GPU can be used (none is visible, or its driver is older than that CUDA; "
+                  "see nvidia-smi); running on the CPU", file=sys.stderr)
+    elif not available[name]:
         raise StageError(f"params: device {name!r} is not available on this machine; "
                          "set it to auto or cpu")
+    if name == "cuda":
+        # The input shapes are fixed, so cuDNN's one-time search for the fastest kernels pays.
+        torch.backends.cudnn.benchmark = True
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype a stage computes in (None: float32), and why it was chosen."""
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "float32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The instruction sets that decide a CPU's speed at each precision, as torch detects them."""
+    checks = {"AVX2": torch.cpu._is_avx2_supported, "AVX512": torch.cpu._is_avx512_supported,
+              "AVX512_BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
+    return [flag for flag, supported in checks.items() if supported()]
+
+
+def pick_precision(device: torch.device, amp: bool | str) -> Precision:
+    """`auto`: bf16 autocast where the device computes bf16 natively (a CUDA GPU that has it; a
+    CPU with AMX or AVX512_BF16), fp16 on MPS, float32 everywhere else. Elsewhere bf16 is
+    emulated: an AVX2-only CPU ran the default network's step 12-23x slower than in float32.
+    Decided from the hardware alone, no timing, so a rerun on the same machine decides alike.
+    `true` / `false` force autocast (bf16; fp16 on MPS) on / off."""
+    half = torch.float16 if device.type == "mps" else torch.bfloat16
+    if amp is True or amp is False:
+        return Precision(half if amp else None, f"amp: {str(amp).lower()}")
+    if device.type == "mps":
+        return Precision(half, "amp auto: MPS computes fp16 natively")
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Precision(half, f"amp auto: {gpu} computes bf16 natively")
+        return Precision(None, f"amp auto: {gpu} has no native bf16")
+    native = [flag for flag in ("AMX", "AVX512_BF16") if flag in cpu_flags()]
+    if native:
+        return Precision(half, f"amp auto: the CPU has {' and '.join(native)}")
+    return Precision(None, "amp auto: the CPU has neither AMX nor AVX512_BF16, so bf16 would be emulated")
+
+
+def hardware(device: torch.device, precision: Precision) -> dict[str, object]:
+    """What a stage ran on, for its model.json and metrics file."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": name, "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
+            "precision": precision.name, "precision_reason": precision.reason}
+
+
+def announce(device: torch.device, precision: Precision) -> None:
+    """The stage's first line (on stderr, beside tqdm's bars): where it computes, and in what."""
+    facts = hardware(device, precision)
+    print(f"device {facts['device']} (CPU {facts['cpu']}: {facts['cpu_flags'] or 'no AVX2, AVX-512 or AMX'}); "
+          f"precision {precision.name} ({precision.reason})", file=sys.stderr)
+
+
 class Stopwatch:
-    """Seconds since start, as the device sees them. CUDA queues kernels and returns at once,
-    so a host clock would time the queueing: there, events recorded on the stream time the
-    work. Reading waits for the device; the loop reads only at epoch ends."""
+    """Seconds spent in timed sections, as the device sees them, plus the wall time since it
+    was made. CUDA queues kernels and returns at once, so a host clock would time the queueing:
+    there, events recorded on the stream time the work, and only reading them waits."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.start_event = None
-        if device.type == "cuda":
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
-        self.start = time.perf_counter()
+        self.started = time.perf_counter()
+        self.carried = 0.0  # seconds from before a resume
+        self.host = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def seconds(self) -> float:
-        if self.start_event is not None:
-            end = torch.cuda.Event(enable_timing=True)
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
             end.record()
-            end.synchronize()
-            return self.start_event.elapsed_time(end) / 1000  # milliseconds
+            self.events.append((start, end))
+            return
+        begin = time.perf_counter()
+        yield
         if self.device.type == "mps":
             torch.mps.synchronize()
-        return time.perf_counter() - self.start
+        self.host += time.perf_counter() - begin
+
+    def seconds(self) -> float:
+        """The timed sections' total (waits for the device)."""
+        if self.events:
+            self.events[-1][1].synchronize()
+        device = sum(start.elapsed_time(end) for start, end in self.events) / 1000  # ms
+        return self.carried + self.host + device
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @dataclass(frozen=True)
@@ -91,20 +182,14 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, ranks: Ranks, device: torch.device, trainable: list[nn.Parameter]) -> nn.Module:
-    """DDP around `model` when there are several ranks.
-
-    Every parameter that trains at some point must require grad while DDP registers its
-    hooks, or its gradients would never be averaged; the loop then switches groups on and off
-    per epoch, which is why unused parameters are searched for.
-    """
+def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
+    """DDP around `model` when there are several ranks. Frozen groups keep requires_grad (the
+    loop zeroes their learning rate instead), so every parameter gets a gradient each step and
+    DDP needs no search for unused ones."""
     if ranks.world == 1:
         return model
-    for param in trainable:
-        param.requires_grad_(True)
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True,
-                                               find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
 
 
 def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:

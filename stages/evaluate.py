@@ -17,9 +17,9 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from stages.data import decode_split, normalize, read_classes
-from stages.devices import pick_device
-from stages.loop import loss_and_accuracy, predict_levels, to_device
+from stages.data import decode_split, normalize, read_classes, to_device
+from stages.devices import announce, hardware, pick_device, pick_precision
+from stages.loop import loss_and_accuracy, predict_levels
 from stages.model import load_trained
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.params import EvaluateParams, load_params
@@ -45,9 +45,9 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-          params: EvaluateParams) -> tuple[dict, torch.Tensor]:
+          batch_size: int, dtype: torch.dtype | None) -> tuple[dict, torch.Tensor]:
     """Metrics for one model; returns (metrics, predictions without TTA)."""
-    logits = predict_levels(model, images, params.batch_size, list(TTA_LEVELS), params.amp)
+    logits = predict_levels(model, images, batch_size, list(TTA_LEVELS), dtype)
     loss, accuracy = loss_and_accuracy(logits["none"], labels)
     metrics: dict[str, float] = {"accuracy": round(accuracy, 5), "loss": round(loss, 5)}
     for tta in TTA_LEVELS[1:]:
@@ -95,6 +95,8 @@ def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predictions: 
 def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: list[Path],
              params: EvaluateParams) -> None:
     device = pick_device(params.device)
+    precision = pick_precision(device, params.amp)
+    announce(device, precision)
     classes = read_classes(images_dir)
     raw_images, labels = decode_split(images_dir / "test.csv", images_dir, len(classes))
     device_images, device_labels = to_device(raw_images, device), labels.to(device)
@@ -108,15 +110,15 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             stats = sidecar["normalization"]
             images = normalize(device_images, stats["mean"], stats["std"])
             metrics, predictions = score(model.to(device, memory_format=torch.channels_last), images,
-                                         device_labels, classes, params)
+                                         device_labels, classes, params.batch_size, precision.dtype)
             out = plots_tmp / model_dir.name
             out.mkdir()
             write_confusion(out / "confusion.csv", labels.tolist(), predictions.tolist(), classes)
             write_per_class(out / "per_class.csv", metrics, classes)
             misclassified_grid(raw_images, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
-            results[model_dir.name] = metrics
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))
+            results[model_dir.name] = {**metrics, **hardware(device, precision)}
     for name, metrics in results.items():
         write_json(metrics_dir / f"{name}.json", metrics)
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.devices import Ranks
+from stages.data import load_data
+from stages.devices import Precision, Ranks, Stopwatch
 from stages.loop import param_groups
 from stages.model import build_model, load_weights
 from stages.outputs import StageError, stage_main
 from stages.params import FinetuneParams, TrainParams, load_params
-from stages.run import Outputs, load_data, run_stage, train_and_save
+from stages.run import Outputs, run_stage, train_and_save
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 
@@ -80,8 +81,9 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device, started: float,
-             *, tune: FinetuneParams, params: TrainParams, seed: int) -> dict:
+def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device,
+             precision: Precision, watch: Stopwatch, *, tune: FinetuneParams, params: TrainParams,
+             seed: int) -> dict:
     torch.manual_seed(seed)
     init = Path(tune.init)
     loaded = read_state_dict(init)
@@ -97,8 +99,8 @@ def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.dev
     recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
                 "freeze_epochs": tune.freeze_epochs}
     counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
-    return train_and_save(model, groups, params, data, seed, device, ranks, outputs, started,
-                          recorded, report={**counts, "init_report": report})
+    return train_and_save(model, groups, params, data, seed, device, precision, ranks, outputs,
+                          watch, recorded, report={**counts, "init_report": report})
 
 
 @stage_main

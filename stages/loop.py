@@ -6,8 +6,9 @@ first non-finite step are accumulated on the device and read once per epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import BatchLoader
-from stages.devices import Ranks, Stopwatch, all_sum, wrap
+from stages.devices import Precision, Ranks, Stopwatch, all_sum, wrap
 from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
 from stages.params import TrainParams
@@ -29,26 +30,20 @@ TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
 EMA_DECAY_BASE, EMA_DECAY_POW = 0.95, 3.0
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA and CPU (3.5x over fp32 with AVX-512 bf16 here); fp16 on MPS."""
-    if not enabled:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` (devices.pick_precision chose it); None computes in float32."""
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "mps" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a whole split once; pinned + non-blocking on CUDA, channels_last everywhere."""
-    if device.type == "cuda":
-        images = images.pin_memory().to(device, non_blocking=True)
-    else:
-        images = images.to(device)
-    return images.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
 class Group:
-    """A set of parameters with its own learning rate, trained during epochs [start, stop)."""
+    """A set of parameters with its own learning rate, trained during epochs [start, stop).
+
+    Outside those epochs its learning rate and weight decay are zero: the parameters keep
+    requires_grad, so a compiled graph's guards never change mid-run (no recompile) and DDP
+    sees the same parameters every step. The price is their gradients' compute while frozen."""
     name: str
     params: list[nn.Parameter]
     lr: float
@@ -153,14 +148,14 @@ def tta_views(images: torch.Tensor, count: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict_levels(model: nn.Module, images: torch.Tensor, batch_size: int, levels: list[str],
-                   amp: bool) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Float32 logits per TTA level for normalized images on the model's device; each view is
     computed once and shared by every level that uses it."""
     model.eval()
     count = max(len(TTA_WEIGHTS[level]) for level in levels)
     out: dict[str, list[torch.Tensor]] = {level: [] for level in levels}
     for batch in images.split(batch_size):
-        with autocast(batch.device, amp):
+        with autocast(batch.device, dtype):
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float()
                       for v in tta_views(batch, count)]
         for level in levels:
@@ -169,9 +164,9 @@ def predict_levels(model: nn.Module, images: torch.Tensor, batch_size: int, leve
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int, tta: str,
-                   amp: bool) -> torch.Tensor:
+                   dtype: torch.dtype | None) -> torch.Tensor:
     """Float32 logits for normalized images (on the model's device), averaged over `tta`."""
-    return predict_levels(model, images, batch_size, [tta], amp)[tta]
+    return predict_levels(model, images, batch_size, [tta], dtype)[tta]
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -191,13 +186,17 @@ class Training:
     """Runs the loop over epochs; state lives here so a checkpoint can restore all of it."""
 
     def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
-                 loader: BatchLoader, device: torch.device, ranks: Ranks = Ranks()) -> None:
+                 loader: BatchLoader, device: torch.device, precision: Precision,
+                 ranks: Ranks = Ranks(), watch: Stopwatch | None = None) -> None:
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
-        self.device, self.ranks = device, ranks
+        self.device, self.precision, self.ranks = device, precision, ranks
+        # the training time, airbench's way: sections timed by the stage (whitening), the
+        # epochs and the final evaluation; not validation, checkpoints or set-up
+        self.watch = watch or Stopwatch(device)
         self.optimizer = make_optimizer(params, groups)
         # DDP-wrapped and compiled forward for training only; the state_dict is taken from the
         # plain module, so its keys carry no `module.` or `_orig_mod.` prefix.
-        forward = wrap(model, ranks, device, [p for g in groups for p in g.params])
+        forward = wrap(model, ranks, device)
         self.forward = torch.compile(forward) if params.compile else forward
         self.total_steps = math.ceil(len(loader) * params.epochs)
         self.epochs = math.ceil(params.epochs)
@@ -210,7 +209,17 @@ class Training:
     def set_lr(self) -> None:
         factor = lr_factor(self.params.schedule, self.step, self.total_steps, self.params.warmup)
         for group, spec in zip(self.groups, self.optimizer.param_groups):
-            spec["lr"] = group.lr * factor
+            trains = group.trains_in(self.epoch)
+            spec["lr"] = group.lr * factor if trains else 0.0
+            spec["weight_decay"] = group.weight_decay if trains else 0.0
+
+    def start_groups(self) -> None:
+        """A group that starts training now forgets the momentum it gathered while frozen, so
+        it starts as if it had had no gradients until now."""
+        for group in self.groups:
+            if self.epoch > 0 and group.start == self.epoch:
+                for param in group.params:
+                    self.optimizer.state.pop(param, None)
 
     def maybe_average(self, epoch_end: bool = False) -> None:
         """Every `ema_every` steps once past `ema_start`, and at each epoch's end so that the
@@ -228,9 +237,7 @@ class Training:
 
     def run_epoch(self) -> dict[str, float]:
         """One pass over the loader; returns train loss/accuracy read once at the end."""
-        for group in self.groups:
-            for p in group.params:
-                p.requires_grad_(group.trains_in(self.epoch))
+        self.start_groups()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -259,7 +266,7 @@ class Training:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.params.amp):
+        with autocast(self.device, self.precision.dtype):
             logits = self.forward(images)
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,20 +279,36 @@ class Training:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "average": None if self.average is None else self.average.average,
             "step": self.step, "epoch": self.epoch, "history": self.history,
-            "loader_epoch": self.loader.epoch, "loader_rng": self.loader.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "loader_epoch": self.loader.epoch, "train_seconds": self.watch.seconds(),
+            # bytes, not tensors: a map_location never moves them, and the generators take
+            # only CPU byte tensors
+            "loader_rng": rng_bytes(self.loader.generator.get_state()),
+            "torch_rng": rng_bytes(torch.get_rng_state()),
         }
 
     def load_state(self, state: dict) -> None:
+        """Restore a state loaded on the CPU: tensors go to the model's device (the optimizer
+        moves its own), RNG states stay on the CPU."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["average"] is not None:
             self.average = WeightAverage(self.model)
-            self.average.average = state["average"]
+            self.average.average = {k: v.to(self.device) for k, v in state["average"].items()}
         self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
         self.loader.epoch = state["loader_epoch"]
-        self.loader.generator.set_state(state["loader_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        self.watch.carried = state["train_seconds"]
+        self.loader.generator.set_state(rng_tensor(state["loader_rng"]))
+        torch.set_rng_state(rng_tensor(state["torch_rng"]))
+
+
+def rng_bytes(state: torch.Tensor) -> bytes:
+    return state.cpu().numpy().tobytes()
+
+
+def rng_tensor(data: bytes) -> torch.Tensor:
+    """A generator state as the generators take it: a CPU byte tensor, whatever the
+    checkpoint's map_location."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def save_checkpoint(checkpoint: Checkpoint, training: Training) -> None:
@@ -299,7 +322,7 @@ def resume(checkpoint: Checkpoint, training: Training) -> bool:
     if not checkpoint.path.exists():
         return False
     try:
-        state = load_weights(checkpoint.path, training.device)
+        state = load_weights(checkpoint.path, "cpu")
     except StageError as err:
         raise StageError(f"{err}; delete this checkpoint to train from scratch") from None
     if state.get("fingerprint") != checkpoint.fingerprint:
@@ -310,32 +333,63 @@ def resume(checkpoint: Checkpoint, training: Training) -> bool:
     return True
 
 
-def epoch_row(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
-    """Train one epoch; its DVCLive row of train (and val) loss and accuracy."""
-    train_metrics = training.run_epoch()
-    row = {"train/loss": train_metrics["loss"], "train/accuracy": train_metrics["accuracy"]}
+def warm_up(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """One training step and one validation batch before the clock runs: compilation, cuDNN's
+    kernel search and the allocator's growth are set-up, left out of airbench's timing too.
+    Weights and optimizer state are put back and no random number is drawn, so the run is
+    exactly the one it would have been without."""
+    saved = copy.deepcopy({"model": training.model.state_dict(),
+                           "optimizer": training.optimizer.state_dict()})
+    loader, ranks = training.loader, training.ranks
+    # the shape of a real batch, so that a compiled graph is reused, not recompiled
+    index = torch.arange(min(loader.batch_size, len(loader.labels)), device=loader.labels.device)
+    index = index[ranks.rank::ranks.world]
+    training.model.train()
+    training.train_step(loader.images[index], loader.labels[index])
     if val is not None:
-        logits = predict_logits(training.model, val[0], training.params.eval_batch_size, "none",
-                                training.params.amp)
-        row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
-    return row
+        predict_logits(training.model, val[0][:training.params.eval_batch_size],
+                       training.params.eval_batch_size, "none", training.precision.dtype)
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(training: Training) -> Iterator[None]:
+    """An out-of-memory error becomes one message naming the knobs that fix it."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise StageError(f"out of memory on {training.device} at epoch {training.epoch + 1} "
+                         f"with batch_size {training.params.batch_size} (eval_batch_size "
+                         f"{training.params.eval_batch_size}); lower them in params.yaml") from None
+
+
+def validation_due(training: Training) -> bool:
+    """After every `eval_every`-th epoch, and after the last (called before the count moves on)."""
+    every, done = training.params.eval_every, training.epoch + 1
+    return done == training.epochs or (every > 0 and done % every == 0)
 
 
 def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
-        checkpoint: Checkpoint, log_epoch: Callable[[int, dict[str, float]], None]) -> float:
-    """Train to the end, checkpointing each epoch; returns the training wall time in seconds."""
+        checkpoint: Checkpoint, log_epoch: Callable[[int, dict[str, float]], None]) -> None:
+    """Train to the end, checkpointing each epoch; the training time adds up in training.watch
+    (epochs only: not the warm-up, validation or checkpoints)."""
     resume(checkpoint, training)
     main = training.ranks.main
     for past, row in enumerate(training.history):
         log_epoch(past, row)
-    watch = Stopwatch(training.device)
+    if training.epoch < training.epochs:
+        with naming_out_of_memory(training):
+            warm_up(training, val if main else None)
     while training.epoch < training.epochs and training.step < training.total_steps:
-        try:
-            row = epoch_row(training, val if main else None)
-        except torch.OutOfMemoryError:
-            raise StageError(f"out of memory on {training.device} at epoch {training.epoch + 1} "
-                             f"with batch_size {training.params.batch_size} (eval_batch_size "
-                             f"{training.params.eval_batch_size}); lower them in params.yaml") from None
+        with naming_out_of_memory(training):
+            with training.watch.section():
+                epoch = training.run_epoch()
+            row = {"train/loss": epoch["loss"], "train/accuracy": epoch["accuracy"]}
+            if main and val is not None and validation_due(training):
+                logits = predict_logits(training.model, val[0], training.params.eval_batch_size,
+                                        "none", training.precision.dtype)
+                row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
         training.history.append(row)
         training.epoch += 1
         if not main:
@@ -344,5 +398,4 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "
               + " ".join(f"{k} {v:.4f}" for k, v in row.items())
-              + f" ({watch.seconds():.1f} s)")
-    return watch.seconds()
+              + f" (training {training.watch.seconds():.1f} s)")

@@ -18,6 +18,7 @@ from torch import nn
 from stages.outputs import StageError, atomic_dir
 
 ARCHS = ("airbench", "lenet", "resnet18")
+WHITENING_IMAGES = 5000  # airbench: enough patches for a stable 12x12 covariance
 
 
 class LeNet(nn.Module):
@@ -140,6 +141,15 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     filters = filters.reshape(-1, c, k, k).to(conv.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(torch.cat([filters, -filters]))
+
+
+def fresh_model(arch: str, num_classes: int, train_images: torch.Tensor) -> nn.Module:
+    """A model as training starts it, on the images' device in channels_last; airbench's
+    whitening stem fitted to the first training images."""
+    model = build_model(arch, num_classes).to(train_images.device, memory_format=torch.channels_last)
+    if isinstance(model, AirbenchNet):
+        init_whitening(model.whiten, train_images[:WHITENING_IMAGES])
+    return model
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -15,6 +15,9 @@ import yaml
 from stages.outputs import StageError
 
 PARAMS_FILE = Path("params.yaml")
+# Mixed precision: auto = where the device computes it natively (devices.pick_precision);
+# true / false force autocast on / off.
+Amp = Literal["auto", True, False]
 
 
 class ParamsError(StageError):
@@ -67,8 +70,9 @@ class TrainParams:
     whiten_bias_epochs: int  # airbench: train the whitening conv's bias this long, then freeze
     tta: Literal["none", "flip", "flip_shift"]  # views averaged when evaluating
     device: Literal["auto", "cpu", "cuda", "mps"]
-    amp: bool  # bf16 autocast on CUDA and CPU
+    amp: Amp
     compile: bool
+    eval_every: int  # epochs between validation passes; 0 = only after the last epoch
     eval_batch_size: int
     workers: int  # processes decoding the PNGs once, before training
 
@@ -89,6 +93,7 @@ class TrainParams:
         _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
         _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",
                  self.whiten_bias_epochs)
+        _require(self.eval_every >= 0, f"{section}.eval_every", "an integer >= 0", self.eval_every)
         _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
                  self.eval_batch_size)
         _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
@@ -121,7 +126,7 @@ class FinetuneParams:
 class EvaluateParams:
     batch_size: int
     device: Literal["auto", "cpu", "cuda", "mps"]
-    amp: bool
+    amp: Amp
     misclassified: int  # how many wrong test images the grid shows
 
     def check(self, section: str) -> None:
@@ -187,8 +192,9 @@ def _convert(hint: Any, value: object, key: str) -> object:
         return build(hint, value, key)
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        _require(value in choices and type(value) is type(choices[0]), key, f"one of {list(choices)}",
-                 value)
+        # by type too: YAML's 1 is not true, nor 0 false
+        _require(any(type(value) is type(c) and value == c for c in choices), key,
+                 f"one of {[yaml_text(c) for c in choices]}", value)
         return value
     if hint is bool:
         _require(type(value) is bool, key, "true or false", value)
@@ -209,6 +215,11 @@ def _convert(hint: Any, value: object, key: str) -> object:
     else:
         raise AssertionError(f"unsupported param type {hint} for {key}")
     return value
+
+
+def yaml_text(value: object) -> str:
+    """A choice as it is written in params.yaml (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _require(ok: bool, key: str, expected: str, found: object) -> None:

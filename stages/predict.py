@@ -1,9 +1,10 @@
 """predict: a trained model's top-k classes for any image files.
 
-usage: python -m stages.predict MODEL_DIR IMAGE... [--top-k K]
+usage: python -m stages.predict MODEL_DIR IMAGE... [--top-k K] [--device D] [--amp A]
 
 MODEL_DIR holds model.pt and model.json (e.g. models/finetune); the sidecar gives the class
-names, the input size (images are resized to it) and the normalization.
+names, the input size (images are resized to it) and the normalization. Device and precision
+follow the stages' rule (auto: CUDA, else MPS, else CPU; bf16 only where it is native).
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import numpy as np
 import torch
 
 from stages.data import load_image, normalize
+from stages.devices import announce, pick_device, pick_precision
+from stages.loop import predict_logits
 from stages.model import load_trained
 from stages.outputs import StageError, stage_main
+
+PREDICT_BATCH = 256  # images per forward pass
 
 
 def prepare(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
@@ -24,13 +29,15 @@ def prepare(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def top_k(model_dir: Path, paths: list[Path], k: int) -> list[list[tuple[str, float]]]:
+def top_k(model_dir: Path, paths: list[Path], k: int, device: torch.device = torch.device("cpu"),
+          dtype: torch.dtype | None = None) -> list[list[tuple[str, float]]]:
     model, sidecar = load_trained(model_dir)
     classes, stats = sidecar["classes"], sidecar["normalization"]
     height, width = sidecar.get("input_size", [32, 32])
-    images = normalize(prepare(paths, (width, height)), stats["mean"], stats["std"])
-    with torch.no_grad():
-        probabilities = model(images).float().softmax(1)
+    images = normalize(prepare(paths, (width, height)).to(device), stats["mean"], stats["std"])
+    logits = predict_logits(model.to(device, memory_format=torch.channels_last), images,
+                            PREDICT_BATCH, "none", dtype)
+    probabilities = logits.softmax(1).cpu()
     values, indices = probabilities.topk(min(k, len(classes)), dim=1)
     return [[(classes[i], v) for i, v in zip(row_i.tolist(), row_v.tolist())]
             for row_i, row_v in zip(indices, values)]
@@ -42,10 +49,17 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("images", type=Path, nargs="+")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--amp", choices=["auto", "true", "false"], default="auto",
+                        help="auto: bf16 only where the device computes it natively")
     args = parser.parse_args()
     if args.top_k < 1:
         raise StageError(f"--top-k must be >= 1, found {args.top_k}")
-    for path, predictions in zip(args.images, top_k(args.model_dir, args.images, args.top_k)):
+    device = pick_device(args.device)
+    precision = pick_precision(device, {"true": True, "false": False}.get(args.amp, "auto"))
+    announce(device, precision)
+    results = top_k(args.model_dir, args.images, args.top_k, device, precision.dtype)
+    for path, predictions in zip(args.images, results):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in predictions))
 
 

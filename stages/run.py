@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,43 +14,13 @@ import torch
 from dvclive import Live
 from torch import nn
 
-from stages.data import BatchLoader, decode_split, normalize, read_classes, read_normalization
-from stages.devices import Ranks, start, stop
-from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels,
-                         to_device)
+from stages.data import BatchLoader, Data
+from stages.devices import (Precision, Ranks, Stopwatch, announce, hardware, pick_precision,
+                            start, stop)
+from stages.loop import Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels
 from stages.model import save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
-
-
-@dataclass(frozen=True)
-class Data:
-    """The splits a training stage needs, decoded once and normalized on the device."""
-    classes: list[str]
-    normalization: dict[str, list[float]]
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val: tuple[torch.Tensor, torch.Tensor] | None
-    fingerprint: str  # of the CSVs: a checkpoint from other data is not resumed
-
-
-def load_split(root: Path, split: str, classes: list[str], stats: dict[str, list[float]],
-               device: torch.device, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = decode_split(root / f"{split}.csv", root, len(classes), workers)
-    return normalize(to_device(images, device), stats["mean"], stats["std"]), labels.to(device)
-
-
-def load_data(root: Path, device: torch.device, workers: int) -> Data:
-    classes = read_classes(root)
-    stats = read_normalization(root)
-    train_images, train_labels = load_split(root, "train", classes, stats, device, workers)
-    has_val = (root / "val.csv").exists()
-    val = load_split(root, "val", classes, stats, device, workers) if has_val else None
-    digest = hashlib.sha256()
-    for name in ("train.csv", "val.csv", "normalization.json"):
-        if (root / name).exists():
-            digest.update((root / name).read_bytes())
-    return Data(classes, stats, train_images, train_labels, val, digest.hexdigest())
 
 
 def fingerprint(*parts: object) -> str:
@@ -61,17 +30,22 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_stage(name: str, usage: str, params: TrainParams,
-              body: Callable[[Path, "Outputs", Ranks, torch.device, float], dict]) -> None:
-    """The main of train and finetune: paths from argv, torchrun's ranks (if any), the body,
-    one summary line from rank 0."""
+Body = Callable[[Path, "Outputs", Ranks, torch.device, Precision, Stopwatch], dict]
+
+
+def run_stage(name: str, usage: str, params: TrainParams, body: Body) -> None:
+    """The main of train and finetune: paths from argv, torchrun's ranks (if any), the device
+    and precision (announced), the body, one summary line from rank 0."""
     if len(sys.argv) != 6:
         raise SystemExit(usage)
-    started = time.perf_counter()
     images_dir, *paths = map(Path, sys.argv[1:])
     ranks, device = start(params.device, params.batch_size)
+    watch = Stopwatch(device)
+    precision = pick_precision(device, params.amp)
+    if ranks.main:
+        announce(device, precision)
     try:
-        metrics = body(images_dir, Outputs(*paths), ranks, device, started)
+        metrics = body(images_dir, Outputs(*paths), ranks, device, precision, watch)
     finally:
         stop()
     if ranks.main:
@@ -88,8 +62,8 @@ class Outputs:
 
 
 def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, data: Data,
-                   seed: int, device: torch.device, ranks: Ranks, outputs: Outputs,
-                   started: float, recorded: dict, report: dict) -> dict:
+                   seed: int, device: torch.device, precision: Precision, ranks: Ranks,
+                   outputs: Outputs, watch: Stopwatch, recorded: dict, report: dict) -> dict:
     """Run the loop, then write model.pt, model.json and the metrics file; returns the metrics.
 
     `recorded` holds the stage's own params beyond `params` (saved in model.json, and part of
@@ -100,7 +74,7 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
                          crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
                          drop_last=len(data.train_labels) >= params.batch_size, seed=seed,
                          shard=(ranks.rank, ranks.world))
-    training = Training(model, groups, params, loader, device, ranks)
+    training = Training(model, groups, params, loader, device, precision, ranks, watch)
     checkpoint = Checkpoint(outputs.checkpoint,
                             fingerprint(params, seed, data.fingerprint, recorded, ranks.world))
     if not ranks.main:
@@ -113,28 +87,35 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
                 live.log_metric(key, value)
             live.make_summary()
 
-        train_seconds = fit(training, data.val, checkpoint, log_epoch)
-    metrics = final_metrics(training, data, params, train_seconds)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+        fit(training, data.val, checkpoint, log_epoch)
+    metrics = final_metrics(training, data, params)
+    metrics["wall_seconds"] = round(watch.wall_seconds(), 2)
+    machine = hardware(device, precision)
     save_model(model, outputs.model_dir, {
         "arch": params.arch, "classes": data.classes, "normalization": data.normalization,
         "input_size": list(data.train_images.shape[-2:]),
-        "params": {"seed": seed, **dataclasses.asdict(params), **recorded}, "metrics": metrics})
-    write_json(outputs.metrics, {**metrics, **report})
+        "params": {"seed": seed, **dataclasses.asdict(params), **recorded}, "metrics": metrics,
+        "hardware": machine})
+    write_json(outputs.metrics, {**metrics, **machine, **report})
     return metrics
 
 
-def final_metrics(training: Training, data: Data, params: TrainParams, train_seconds: float) -> dict:
-    images_seen = training.step * params.batch_size
-    metrics: dict = {"epochs": params.epochs, "steps": training.step,
-                     "train_seconds": round(train_seconds, 2),
-                     "images_per_second": round(images_seen / max(train_seconds, 1e-9), 1)}
+def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
+    """Validation at every level up to `tta` (timed: airbench counts its final evaluation),
+    then the times: `train_seconds` counts the timed sections, `images_per_second` the epochs."""
+    metrics: dict = {"epochs": params.epochs, "steps": training.step}
+    epochs_seconds = training.watch.seconds()
     if data.val is not None:
         levels = list(dict.fromkeys(("none", params.tta)))
-        logits = predict_levels(training.model, data.val[0], params.eval_batch_size, levels, params.amp)
+        with training.watch.section():
+            logits = predict_levels(training.model, data.val[0], params.eval_batch_size, levels,
+                                    training.precision.dtype)
         for tta in levels:
             loss, accuracy = loss_and_accuracy(logits[tta], data.val[1])
             suffix = "" if tta == "none" else f"_tta_{tta}"
             metrics[f"val_loss{suffix}"] = round(loss, 5)
             metrics[f"val_accuracy{suffix}"] = round(accuracy, 5)
+    metrics["train_seconds"] = round(training.watch.seconds(), 2)
+    images_seen = training.step * params.batch_size
+    metrics["images_per_second"] = round(images_seen / max(epochs_seconds, 1e-9), 1)
     return metrics

@@ -12,28 +12,26 @@ from pathlib import Path
 
 import torch
 
-from stages.devices import Ranks
+from stages.data import load_data
+from stages.devices import Precision, Ranks, Stopwatch
 from stages.loop import param_groups
-from stages.model import AirbenchNet, build_model, init_whitening
+from stages.model import fresh_model
 from stages.outputs import stage_main
 from stages.params import TrainParams, load_params
-from stages.run import Outputs, load_data, run_stage, train_and_save
-
-WHITENING_IMAGES = 5000  # airbench: enough patches for a stable 12x12 covariance
+from stages.run import Outputs, run_stage, train_and_save
 
 
-def train(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device, started: float, *,
-          params: TrainParams, seed: int) -> dict:
+def train(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device,
+          precision: Precision, watch: Stopwatch, *, params: TrainParams, seed: int) -> dict:
     torch.manual_seed(seed)
     data = load_data(images_dir, device, params.workers)
-    model = build_model(params.arch, len(data.classes)).to(device, memory_format=torch.channels_last)
-    if isinstance(model, AirbenchNet):
-        init_whitening(model.whiten, data.train_images[:WHITENING_IMAGES])
+    with watch.section():  # the whitening is part of the training time, as airbench counts it
+        model = fresh_model(params.arch, len(data.classes), data.train_images)
     groups = param_groups(model, model.HEAD, params.lr, params.lr, params.weight_decay,
                           params.bias_lr_scale, freeze_epochs=0,
                           whiten_bias_epochs=params.whiten_bias_epochs)
-    return train_and_save(model, groups, params, data, seed, device, ranks, outputs, started,
-                          recorded={}, report={})
+    return train_and_save(model, groups, params, data, seed, device, precision, ranks, outputs,
+                          watch, recorded={}, report={})
 
 
 @stage_main

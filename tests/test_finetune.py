@@ -6,11 +6,12 @@ import torch
 import torchvision
 
 from stages.data import BatchLoader
+from stages.devices import pick_precision
 from stages.finetune import match_weights, read_state_dict
 from stages.loop import Training, param_groups
 from stages.model import build_model
 from stages.outputs import StageError
-from tests.test_loop import toy_data, train_params
+from tests.test_loop import CPU, toy_data, train_params
 
 
 def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:
@@ -107,7 +108,7 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
     images, labels = toy_data()
     loader = BatchLoader(images, labels, 50, crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)
     groups = param_groups(model, model.HEAD, 0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0)
-    training = Training(model, groups, params, loader, torch.device("cpu"))
+    training = Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
     training.run_epoch()
     assert all(torch.equal(p, backbone[k]) for k, p in model.named_parameters() if k in backbone)
     assert not torch.equal(model.fc3.weight, head)

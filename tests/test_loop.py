@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from stages.data import BatchLoader
-from stages.devices import pick_device
-from stages.loop import (TTA_WEIGHTS, Training, WeightAverage, lr_factor, param_groups,
-                         predict_levels, predict_logits, tta_views)
-from stages.model import AirbenchNet, build_model
+from stages import devices, loop
+from stages.devices import pick_device, pick_precision
+from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, WeightAverage, fit, lr_factor,
+                         param_groups, predict_levels, predict_logits, rng_tensor, tta_views,
+                         warm_up)
+from stages.model import AirbenchNet, build_model, load_weights
 from stages.outputs import StageError
 from stages.params import load_params
 from tests.conftest import ROOT
+
+CPU = torch.device("cpu")
 
 
 def train_params(**changes):
@@ -109,10 +113,10 @@ def test_tta_views_have_the_input_shape_and_weights_summing_to_one() -> None:
 def test_shared_tta_pass_equals_separate_passes() -> None:
     model = build_model("lenet", 4)
     images = torch.randn(15, 3, 32, 32)
-    levels = predict_levels(model, images, 4, list(TTA_WEIGHTS), amp=False)
+    levels = predict_levels(model, images, 4, list(TTA_WEIGHTS), dtype=None)
     for level in TTA_WEIGHTS:
         assert levels[level].shape == (15, 4) and levels[level].dtype == torch.float32
-        assert torch.allclose(levels[level], predict_logits(model, images, 7, level, amp=False), atol=1e-5)
+        assert torch.allclose(levels[level], predict_logits(model, images, 7, level, dtype=None), atol=1e-5)
     views = [model.eval()(v) for v in tta_views(images, 2)]
     assert torch.allclose(levels["flip"], (views[0] + views[1]) / 2, atol=1e-5)
 
@@ -135,7 +139,7 @@ def make_training(seed: int = 0, **changes) -> Training:
     loader = BatchLoader(images, labels, params.batch_size, crop_padding=2, flip=True, shuffle=True,
                          drop_last=True, seed=seed)
     groups = param_groups(model, model.HEAD, params.lr, params.lr, 0.0, 1.0, 0, 0)
-    return Training(model, groups, params, loader, torch.device("cpu"))
+    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
 
 
 def test_training_learns_a_separable_toy_task() -> None:
@@ -147,7 +151,7 @@ def test_training_learns_a_separable_toy_task() -> None:
     assert training.step == math.ceil(4 * 3.0)
     assert losses[-1] < losses[0]
     images, labels = toy_data(seed=1)
-    accuracy = (predict_logits(training.model, images, 100, "none", False).argmax(1) == labels)
+    accuracy = (predict_logits(training.model, images, 100, "none", None).argmax(1) == labels)
     assert accuracy.float().mean() > 0.9
 
 
@@ -157,3 +161,103 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
         for _ in range(3):
             training.run_epoch()
             training.epoch += 1
+
+
+def airbench_training(**changes) -> Training:
+    """airbench on 16 toy images, 2 steps an epoch, the whitening bias trained for 1 epoch."""
+    params = train_params(**{"epochs": 3.0, "batch_size": 8, "amp": False, "ema_every": 0,
+                             "whiten_bias_epochs": 1, **changes})
+    torch.manual_seed(0)
+    images, labels = toy_data(16)
+    model = AirbenchNet(2).to(memory_format=torch.channels_last)
+    loader = BatchLoader(images, labels, 8, crop_padding=2, flip=True, shuffle=True,
+                         drop_last=True, seed=0)
+    groups = param_groups(model, model.HEAD, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0,
+                          whiten_bias_epochs=params.whiten_bias_epochs)
+    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+
+
+@pytest.mark.slow
+def test_compile_compiles_once_across_the_whitening_bias_freeze() -> None:
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    training = airbench_training(compile=True)
+    flags = {name: p.requires_grad for name, p in training.model.named_parameters()}
+    biases = []
+    for _ in range(3):
+        training.run_epoch()
+        training.epoch += 1
+        biases.append(training.model.whiten.bias.detach().clone())
+        assert {n: p.requires_grad for n, p in training.model.named_parameters()} == flags
+    assert counters["stats"]["unique_graphs"] == 1  # guards on requires_grad never failed
+    assert not counters["recompiles"]
+    assert torch.equal(biases[0], biases[2])  # frozen after epoch 1 by a zero learning rate
+    assert not torch.equal(training.model.whiten.bias, torch.zeros_like(biases[0]))
+
+
+def test_a_group_frozen_then_started_begins_without_momentum() -> None:
+    training = airbench_training(whiten_bias_epochs=0, epochs=2.0)
+    training.groups = [dataclasses.replace(g, start=1) if g.name == "head" else g for g in training.groups]
+    head = training.model.head.weight
+    before = head.detach().clone()
+    training.run_epoch()
+    training.epoch += 1
+    assert torch.equal(head, before)
+    assert head in training.optimizer.state  # it had gradients, so SGD kept momentum
+    training.start_groups()
+    assert head not in training.optimizer.state
+    training.run_epoch()
+    assert not torch.equal(head, before)
+
+
+def test_warm_up_leaves_weights_optimizer_and_random_draws_as_they_were() -> None:
+    reference, warmed = make_training(), make_training()
+    warm_up(warmed, toy_data(20))
+    assert warmed.optimizer.state_dict()["state"] == {}
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(warmed.model.state_dict()[key], value), key
+    assert torch.equal(warmed.loader.generator.get_state(), reference.loader.generator.get_state())
+    for _ in range(2):
+        reference.run_epoch()
+        warmed.run_epoch()
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(warmed.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("every, validated", [(0, [3]), (1, [1, 2, 3]), (2, [2, 3])])
+def test_validation_runs_every_eval_every_epochs_and_after_the_last(tmp_path, every, validated) -> None:
+    training = make_training(eval_every=every)
+    rows = []
+    fit(training, toy_data(20), Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: rows.append(row))
+    assert [e + 1 for e, row in enumerate(rows) if "val/loss" in row] == validated
+    assert all("train/loss" in row for row in rows)
+
+
+def test_training_time_leaves_out_validation_and_warm_up(tmp_path, monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(devices.time, "perf_counter", lambda: now[0])
+    real_predict = loop.predict_logits
+
+    def slow_predict(*args, **kwargs):
+        now[0] += 1000.0  # validation and the warm-up's eval batch each "take" 1000 s
+        return real_predict(*args, **kwargs)
+    monkeypatch.setattr(loop, "predict_logits", slow_predict)
+    training = make_training()
+    fit(training, toy_data(20), Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
+    assert training.watch.seconds() == 0.0
+    assert training.watch.wall_seconds() == 4000.0  # warm-up + 3 validations
+
+
+def test_checkpoint_rng_states_never_become_device_tensors(tmp_path) -> None:
+    training = make_training()
+    fit(training, None, Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
+    # as resume on a GPU would see it if it mapped the checkpoint to the device
+    on_meta = load_weights(tmp_path / "c.pt", "meta")
+    assert on_meta["model"]["fc1.weight"].device.type == "meta"
+    for key, generator_state in (("loader_rng", training.loader.generator.get_state()),
+                                 ("torch_rng", torch.get_rng_state())):
+        assert isinstance(on_meta[key], bytes)
+        state = rng_tensor(on_meta[key])
+        assert state.device.type == "cpu" and torch.equal(state, generator_state)
+        torch.Generator().set_state(state)  # accepted: a CPU byte tensor

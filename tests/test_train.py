@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from stages.devices import cpu_flags, cpu_model, pick_precision
 from stages.loop import Checkpoint, fit
 from tests.conftest import ROOT
 from tests.test_loop import make_training, toy_data
@@ -36,14 +37,21 @@ def train(cwd: Path, name: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_train_stage_is_deterministic_on_cpu(tmp_path: Path, image_folder: Path) -> None:
-    cwd = stage_dir(tmp_path, image_folder)
+    # pinned to the CPU: on a GPU machine `auto` would compare CUDA runs, which need not match
+    cwd = stage_dir(tmp_path, image_folder, device="cpu")
     for name in ("a", "b"):
         result = train(cwd, name)
         assert result.returncode == 0, result.stderr
+        assert result.stderr.startswith(f"device cpu (CPU {cpu_model()}: ")
     assert (cwd / "models/a/model.pt").read_bytes() == (cwd / "models/b/model.pt").read_bytes()
     metrics = json.loads((cwd / "metrics/a.json").read_text())
     assert metrics["epochs"] == 2.0 and 0 <= metrics["val_accuracy"] <= 1
+    precision = pick_precision(torch.device("cpu"), "auto")
+    assert metrics["precision"] == precision.name and metrics["precision_reason"] == precision.reason
+    assert metrics["device"] == "cpu" and metrics["cpu_flags"] == " ".join(cpu_flags())
+    assert 0 < metrics["train_seconds"] < metrics["wall_seconds"]
     sidecar = json.loads((cwd / "models/a/model.json").read_text())
+    assert sidecar["hardware"]["precision"] == precision.name
     assert sidecar["classes"][0] == "airplane" and sidecar["params"]["arch"] == "airbench"
     assert len(sidecar["normalization"]["mean"]) == 3
     curves = (cwd / "dvclive/a/plots/metrics/val/accuracy.tsv").read_text().splitlines()

@@ -1,0 +1,91 @@
+"""Device and precision choice: what each kind of machine gets, decided from the hardware alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages import devices
+from stages.devices import Stopwatch, announce, hardware, pick_device, pick_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    (["AVX2"], None),                                      # AMD EPYC / most laptops: bf16 emulated
+    (["AVX2", "AVX512"], None),                            # AVX-512 without bf16 (Skylake-SP)
+    (["AVX2", "AVX512", "AVX512_BF16"], torch.bfloat16),   # Cooper Lake, Zen 4/5
+    (["AVX2", "AVX512", "AVX512_BF16", "AMX"], torch.bfloat16),  # Sapphire Rapids
+    ([], None),                                            # e.g. an ARM CPU
+])
+def test_auto_takes_bf16_only_on_cpus_that_compute_it_natively(monkeypatch, flags, dtype) -> None:
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    precision = pick_precision(CPU, "auto")
+    assert precision.dtype is dtype
+    assert precision.name == ("float32" if dtype is None else "bfloat16")
+    assert precision.reason.startswith("amp auto: ")
+
+
+def test_true_and_false_force_autocast_whatever_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(devices, "cpu_flags", lambda: ["AVX2"])
+    assert pick_precision(CPU, True).dtype is torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_flags", lambda: ["AVX2", "AVX512", "AVX512_BF16", "AMX"])
+    assert pick_precision(CPU, False).dtype is None
+    assert pick_precision(torch.device("mps"), True).dtype is torch.float16
+
+
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, None)])
+def test_auto_on_cuda_follows_the_gpus_bf16_support(monkeypatch, native, dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        native or including_emulation)
+    precision = pick_precision(torch.device("cuda"), "auto")
+    assert precision.dtype is dtype and "NVIDIA Test GPU" in precision.reason
+    assert pick_precision(torch.device("mps"), "auto").dtype is torch.float16
+
+
+def test_the_choice_is_the_same_on_every_call() -> None:
+    assert len({pick_precision(CPU, "auto") for _ in range(3)}) == 1
+
+
+def test_auto_says_so_when_a_cuda_build_finds_no_gpu(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert pick_device("auto") == CPU
+    err = capsys.readouterr().err
+    assert "built for CUDA 12.8, but no GPU can be used" in err and "running on the CPU" in err
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build: nothing to explain
+    assert pick_device("auto") == CPU
+    assert capsys.readouterr().err == ""
+
+
+def test_announce_names_device_cpu_flags_and_precision(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(devices, "cpu_flags", lambda: ["AVX2"])
+    monkeypatch.setattr(devices, "cpu_model", lambda: "AMD EPYC 7B13")
+    precision = pick_precision(CPU, "auto")
+    announce(CPU, precision)
+    assert capsys.readouterr().err == (
+        "device cpu (CPU AMD EPYC 7B13: AVX2); precision float32 (amp auto: the CPU has neither "
+        "AMX nor AVX512_BF16, so bf16 would be emulated)\n")
+    assert hardware(CPU, precision) == {
+        "device": "cpu", "cpu": "AMD EPYC 7B13", "cpu_flags": "AVX2", "precision": "float32",
+        "precision_reason": precision.reason}
+
+
+def test_the_real_cpu_flags_are_named_as_torch_detects_them() -> None:
+    flags = devices.cpu_flags()
+    assert set(flags) <= {"AVX2", "AVX512", "AVX512_BF16", "AMX"}
+    assert ("AVX512_BF16" in flags) == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_stopwatch_counts_only_its_sections(monkeypatch) -> None:
+    clock = iter(range(0, 1000, 10))  # each reading of the host clock is 10 s later
+    monkeypatch.setattr(devices.time, "perf_counter", lambda: next(clock))
+    watch = Stopwatch(CPU)   # started at 0
+    with watch.section():    # 10 -> 20
+        pass
+    watch.carried = 5.0      # seconds of a run before a resume
+    with watch.section():    # 30 -> 40
+        pass
+    assert watch.seconds() == 25.0
+    assert watch.wall_seconds() == 50.0
