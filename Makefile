@@ -25,6 +25,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) -m bench.precision
 	$(PY) -m bench.run
 	$(PY) -m bench.time_to_accuracy
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from stages.devices import Precision, Stopwatch, cpu_flags, cpu_model, pick_device, pick_precision
-from stages.loop import autocast, make_optimizer, param_groups
+from stages.loop import autocast, make_optimizer, scratch_groups
 from stages.model import build_model
 from stages.params import TrainParams, load_params
 
@@ -44,9 +44,7 @@ def make_step(params: TrainParams, device: torch.device, config: Config,
     layout, dtype = LAYOUTS[config.layout], precisions(device)[config.precision]
     torch.manual_seed(0)
     model = build_model(params.arch, 10).to(device, memory_format=layout).train()
-    groups = param_groups(model, model.HEAD, params.lr, params.lr, params.weight_decay,
-                          params.bias_lr_scale, 0, params.whiten_bias_epochs)
-    optimizer = make_optimizer(params, groups)
+    optimizer = make_optimizer(params, scratch_groups(model, params))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (batch_size,), device=device)

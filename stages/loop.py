@@ -88,6 +88,21 @@ def param_groups(model: nn.Module, head: str, lr: float, head_lr: float, weight_
     return [g for g in groups if g.params]
 
 
+def scratch_groups(model: nn.Module, params: TrainParams) -> list[Group]:
+    """The groups of a run from scratch: everything trains from the start at `lr`."""
+    return param_groups(model, model.HEAD, params.lr, params.lr, params.weight_decay,
+                        params.bias_lr_scale, freeze_epochs=0,
+                        whiten_bias_epochs=params.whiten_bias_epochs)
+
+
+def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Tensor, seed: int,
+                    ranks: Ranks = Ranks()) -> BatchLoader:
+    """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller)."""
+    return BatchLoader(images, labels, params.batch_size, crop_padding=params.crop_padding,
+                       flip=params.flip, shuffle=True, drop_last=len(labels) >= params.batch_size,
+                       seed=seed, shard=(ranks.rank, ranks.world))
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     """Multiplier of each group's lr at `step` of `total`."""
     progress = step / max(total, 1)

@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from stages.outputs import StageError
 
@@ -155,6 +154,8 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 
 
 def read_yaml(path: Path) -> dict:
+    import yaml  # here, not at the top: bench.gpu_check builds params where PyYAML is absent
+
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -14,10 +14,11 @@ import torch
 from dvclive import Live
 from torch import nn
 
-from stages.data import BatchLoader, Data
+from stages.data import Data
 from stages.devices import (Precision, Ranks, Stopwatch, announce, hardware, pick_precision,
                             start, stop)
-from stages.loop import Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels
+from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels,
+                         training_loader)
 from stages.model import save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
@@ -70,10 +71,7 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     the checkpoint fingerprint); `report` is added to the metrics file as it is. Under
     torchrun only rank 0 logs and writes; the other ranks return empty metrics.
     """
-    loader = BatchLoader(data.train_images, data.train_labels, params.batch_size,
-                         crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
-                         drop_last=len(data.train_labels) >= params.batch_size, seed=seed,
-                         shard=(ranks.rank, ranks.world))
+    loader = training_loader(params, data.train_images, data.train_labels, seed, ranks)
     training = Training(model, groups, params, loader, device, precision, ranks, watch)
     checkpoint = Checkpoint(outputs.checkpoint,
                             fingerprint(params, seed, data.fingerprint, recorded, ranks.world))

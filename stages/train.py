@@ -14,7 +14,7 @@ import torch
 
 from stages.data import load_data
 from stages.devices import Precision, Ranks, Stopwatch
-from stages.loop import param_groups
+from stages.loop import scratch_groups
 from stages.model import fresh_model
 from stages.outputs import stage_main
 from stages.params import TrainParams, load_params
@@ -27,10 +27,7 @@ def train(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device
     data = load_data(images_dir, device, params.workers)
     with watch.section():  # the whitening is part of the training time, as airbench counts it
         model = fresh_model(params.arch, len(data.classes), data.train_images)
-    groups = param_groups(model, model.HEAD, params.lr, params.lr, params.weight_decay,
-                          params.bias_lr_scale, freeze_epochs=0,
-                          whiten_bias_epochs=params.whiten_bias_epochs)
-    return train_and_save(model, groups, params, data, seed, device, precision, ranks, outputs,
+    return train_and_save(model, scratch_groups(model, params), params, data, seed, device, precision, ranks, outputs,
                           watch, recorded={}, report={})
 
 
