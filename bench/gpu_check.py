@@ -242,11 +242,14 @@ def check_compile(params: TrainParams, images: torch.Tensor, labels: torch.Tenso
 
 
 def time_run(params: TrainParams, split: str, train: tuple[torch.Tensor, torch.Tensor],
-             test: tuple[torch.Tensor, torch.Tensor], seed: int, work: Path) -> Run:
+             val: tuple[torch.Tensor, torch.Tensor] | None, test: tuple[torch.Tensor, torch.Tensor],
+             seed: int, work: Path) -> Run:
+    """One run as the train stage makes it (validation every `eval_every` epochs and
+    checkpoints included in the wall time), then the test split at every TTA level."""
     torch.cuda.reset_peak_memory_stats()
     watch = Stopwatch(train[0].device)
     training = new_training(params, *train, seed, watch)
-    fit(training, None, Checkpoint(work / f"tta-{split}-{seed}.pt", "gpu_check"), lambda e, row: None)
+    fit(training, val, Checkpoint(work / f"tta-{split}-{seed}.pt", "gpu_check"), lambda e, row: None)
     with watch.section():
         logits = predict_levels(training.model, test[0], params.eval_batch_size, list(TTA_WEIGHTS),
                                 training.precision.dtype)
@@ -314,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         medians = measure(params, device, params.batch_size, args.steps)
         chosen = Config(precision.name, "channels_last")
         print("\n".join(report(medians, chosen, precision, params.batch_size)), flush=True)
-        splits = {"default (train split)": (data.train_images, data.train_labels)}
+        # (train, val) as the stage would get them with the folder's split and with val_fraction 0
+        splits = {"default (train split)": ((data.train_images, data.train_labels), data.val)}
         if data.val is not None:
-            splits["all 50,000 (val 0)"] = (torch.cat([data.train_images, data.val[0]]),
-                                            torch.cat([data.train_labels, data.val[1]]))
+            splits["all 50,000 (val 0)"] = ((torch.cat([data.train_images, data.val[0]]),
+                                             torch.cat([data.train_labels, data.val[1]])), None)
         runs = []
-        for split, train in splits.items():
+        for split, (train, val) in splits.items():
             for seed in range(args.seeds):
-                runs.append(time_run(params, split, train, test, seed, work))
+                runs.append(time_run(params, split, train, val, test, seed, work))
                 print(json.dumps(dataclasses.asdict(runs[-1])), flush=True)
     print("\n".join(summary(runs)))
     return 0 if all(results) else 1
