@@ -1,0 +1,45 @@
+"""dvc.yaml lists, for every stage, exactly the project modules it runs: its own and every
+`stages` module it imports, directly or not. A module left out would let DVC call a stage up
+to date while its code changed."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
+    """`module` and the project modules it imports, transitively, as paths like stages/x.py."""
+    found = found if found is not None else set()
+    path = f"{module.replace('.', '/')}.py"
+    if path in found or not (ROOT / path).exists():
+        return found
+    found.add(path)
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            candidates = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in candidates:
+            if name.startswith("stages."):
+                stage_imports(name, found)
+    return found
+
+
+def test_every_stage_depends_on_exactly_the_modules_it_imports() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split()[2]  # python -m stages.<name> ...
+        declared = {d for d in stage["deps"] if isinstance(d, str) and d.startswith("stages/")}
+        assert declared == stage_imports(module), name
+
+
+def test_the_import_walk_follows_imports_through_modules() -> None:
+    assert stage_imports("stages.train") >= {"stages/train.py", "stages/run.py", "stages/loop.py",
+                                             "stages/devices.py", "stages/outputs.py"}
+    assert stage_imports("stages.extract") == {"stages/extract.py", "stages/outputs.py"}
