@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_once(images_dir: Path, seed: int, overrides: dict[str, object], work: Path) -> float:
     """Run the train stage with `seed` and `overrides`; returns its wall time in seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["seed"] = seed
+    params["train"]["seed"] = seed
     for key, value in overrides.items():
         section, name = key.split(".")
         params[section][name] = value

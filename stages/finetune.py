@@ -82,9 +82,9 @@ def sha256_of(path: Path) -> str:
 
 
 def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device,
-             precision: Precision, watch: Stopwatch, *, tune: FinetuneParams, params: TrainParams,
-             seed: int) -> dict:
-    torch.manual_seed(seed)
+             precision: Precision, watch: Stopwatch, *, tune: FinetuneParams,
+             params: TrainParams) -> dict:
+    torch.manual_seed(params.seed)
     init = Path(tune.init)
     loaded = read_state_dict(init)
     data = load_data(images_dir, device, params.workers)
@@ -99,7 +99,7 @@ def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.dev
     recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
                 "freeze_epochs": tune.freeze_epochs}
     counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
-    return train_and_save(model, groups, params, data, seed, device, precision, ranks, outputs,
+    return train_and_save(model, groups, params, data, device, precision, ranks, outputs,
                           watch, recorded, report={**counts, "init_report": report})
 
 
@@ -107,11 +107,12 @@ def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.dev
 def main() -> None:
     params = load_params()
     tune = params.finetune
-    # finetune runs train's loop: the train section's knobs, with finetune's own overrides
+    # finetune runs train's loop: the train section's knobs (its seed too), with finetune's
+    # own overrides
     loop_params = dataclasses.replace(params.train, arch=tune.arch, epochs=tune.epochs,
                                       batch_size=tune.batch_size, lr=tune.lr)
     run_stage("finetune", __doc__, loop_params,
-              functools.partial(finetune, tune=tune, params=loop_params, seed=params.seed))
+              functools.partial(finetune, tune=tune, params=loop_params))
 
 
 if __name__ == "__main__":

@@ -40,16 +40,19 @@ class DownloadParams:
 @dataclasses.dataclass(frozen=True)
 class PreprocessParams:
     val_fraction: float  # share of each class moved from the training batches to val
+    seed: int  # draws the validation split
     workers: int  # processes encoding PNGs
 
     def check(self, section: str) -> None:
         _require(0 <= self.val_fraction < 1, f"{section}.val_fraction", "a number in [0, 1)",
                  self.val_fraction)
+        _require(self.seed >= 0, f"{section}.seed", "an integer >= 0", self.seed)
         _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
+    seed: int  # draws the initial weights, the batch order and the augmentations
     arch: Literal["airbench", "lenet", "resnet18"]
     epochs: float  # may be fractional, as airbench's 9.9: the last epoch stops early
     batch_size: int
@@ -77,6 +80,7 @@ class TrainParams:
 
 
     def check(self, section: str) -> None:
+        _require(self.seed >= 0, f"{section}.seed", "an integer >= 0", self.seed)
         _require(self.epochs > 0, f"{section}.epochs", "a number > 0", self.epochs)
         _require(self.batch_size >= 1, f"{section}.batch_size", "an integer >= 1", self.batch_size)
         _require(self.lr > 0, f"{section}.lr", "a number > 0", self.lr)
@@ -136,8 +140,7 @@ class EvaluateParams:
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    """The whole of params.yaml: a seed shared by every stage, and one section per stage."""
-    seed: int
+    """The whole of params.yaml: one section per stage (each seed lives where it is drawn)."""
     download: DownloadParams
     preprocess: PreprocessParams
     train: TrainParams
@@ -145,7 +148,7 @@ class Params:
     evaluate: EvaluateParams
 
     def check(self, section: str) -> None:
-        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        """Each section has checked itself."""
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -203,8 +203,8 @@ def build_splits(batches: Path, val_fraction: float, seed: int) -> tuple[list[Sp
     return splits, classes
 
 
-def preprocess(batches: Path, out: Path, params: PreprocessParams, seed: int) -> None:
-    splits, classes = build_splits(batches, params.val_fraction, seed)
+def preprocess(batches: Path, out: Path, params: PreprocessParams) -> None:
+    splits, classes = build_splits(batches, params.val_fraction, params.seed)
     with atomic_dir(out) as tmp:
         write_images(splits, classes, tmp, params.workers)
         (tmp / "classes.json").write_text(json.dumps(classes) + "\n")
@@ -219,7 +219,7 @@ def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     params = load_params()
-    preprocess(Path(sys.argv[1]), Path(sys.argv[2]), params.preprocess, params.seed)
+    preprocess(Path(sys.argv[1]), Path(sys.argv[2]), params.preprocess)
 
 
 if __name__ == "__main__":

@@ -63,18 +63,18 @@ class Outputs:
 
 
 def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, data: Data,
-                   seed: int, device: torch.device, precision: Precision, ranks: Ranks,
-                   outputs: Outputs, watch: Stopwatch, recorded: dict, report: dict) -> dict:
+                   device: torch.device, precision: Precision, ranks: Ranks, outputs: Outputs,
+                   watch: Stopwatch, recorded: dict, report: dict) -> dict:
     """Run the loop, then write model.pt, model.json and the metrics file; returns the metrics.
 
     `recorded` holds the stage's own params beyond `params` (saved in model.json, and part of
     the checkpoint fingerprint); `report` is added to the metrics file as it is. Under
     torchrun only rank 0 logs and writes; the other ranks return empty metrics.
     """
-    loader = training_loader(params, data.train_images, data.train_labels, seed, ranks)
+    loader = training_loader(params, data.train_images, data.train_labels, params.seed, ranks)
     training = Training(model, groups, params, loader, device, precision, ranks, watch)
     checkpoint = Checkpoint(outputs.checkpoint,
-                            fingerprint(params, seed, data.fingerprint, recorded, ranks.world))
+                            fingerprint(params, data.fingerprint, recorded, ranks.world))
     if not ranks.main:
         fit(training, None, checkpoint, lambda epoch, row: None)
         return {}
@@ -92,7 +92,7 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     save_model(model, outputs.model_dir, {
         "arch": params.arch, "classes": data.classes, "normalization": data.normalization,
         "input_size": list(data.train_images.shape[-2:]),
-        "params": {"seed": seed, **dataclasses.asdict(params), **recorded}, "metrics": metrics,
+        "params": {**dataclasses.asdict(params), **recorded}, "metrics": metrics,
         "hardware": machine})
     write_json(outputs.metrics, {**metrics, **machine, **report})
     return metrics

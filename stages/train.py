@@ -22,20 +22,20 @@ from stages.run import Outputs, run_stage, train_and_save
 
 
 def train(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device,
-          precision: Precision, watch: Stopwatch, *, params: TrainParams, seed: int) -> dict:
-    torch.manual_seed(seed)
+          precision: Precision, watch: Stopwatch, *, params: TrainParams) -> dict:
+    torch.manual_seed(params.seed)
     data = load_data(images_dir, device, params.workers)
     with watch.section():  # the whitening is part of the training time, as airbench counts it
         model = fresh_model(params.arch, len(data.classes), data.train_images)
-    return train_and_save(model, scratch_groups(model, params), params, data, seed, device, precision, ranks, outputs,
-                          watch, recorded={}, report={})
+    return train_and_save(model, scratch_groups(model, params), params, data, device, precision,
+                          ranks, outputs, watch, recorded={}, report={})
 
 
 @stage_main
 def main() -> None:
     params = load_params()
     run_stage("train", __doc__, params.train,
-              functools.partial(train, params=params.train, seed=params.seed))
+              functools.partial(train, params=params.train))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def batches_dir(tarball: tuple[Path, str], tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def image_folder(batches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("images") / "images"
-    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.1, workers=2), seed=0)
+    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.1, seed=0, workers=2))
     return out
 
 

@@ -40,7 +40,7 @@ from tests.test_train import stage_dir
 def test_every_opcode_route_to_a_global_is_refused(batches_dir, tmp_path, payload, message) -> None:
     source = corrupt(batches_dir, tmp_path, "test_batch", payload)
     with pytest.raises(StageError, match=message):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 1), seed=0)
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
     assert not (tmp_path / "images").exists()
 
 
@@ -53,7 +53,7 @@ def test_every_opcode_route_to_a_global_is_refused(batches_dir, tmp_path, payloa
 def test_wrong_dtypes_are_refused(batches_dir, tmp_path, changes, message) -> None:
     source = corrupt(batches_dir, tmp_path, "data_batch_1", batch_with(**changes))
     with pytest.raises(StageError, match=message):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 1), seed=0)
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
 
 
 def test_missing_key_is_refused(batches_dir, tmp_path) -> None:
@@ -61,13 +61,13 @@ def test_missing_key_is_refused(batches_dir, tmp_path) -> None:
     del batch[b"labels"]
     source = corrupt(batches_dir, tmp_path, "data_batch_1", dumps_py2(batch))
     with pytest.raises(StageError, match="data_batch_1: missing key 'labels'"):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 1), seed=0)
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
 
 
 def test_hostile_filenames_are_never_used(batches_dir, tmp_path) -> None:
     payload = batch_with(filenames=[b"../../../../tmp/evil.png"] * 20)
     source = corrupt(batches_dir, tmp_path, "data_batch_1", payload)
-    preprocess(source, tmp_path / "images", PreprocessParams(0.1, 1), seed=0)
+    preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
     pngs = list((tmp_path / "images").rglob("*.png"))
     assert len(pngs) == 120 and all(p.stem.isdigit() for p in pngs)
     assert not Path("/tmp/evil.png").exists()

@@ -18,7 +18,7 @@ def write_params(tmp_path: Path, edit) -> Path:
 
 def test_project_params_load_into_typed_sections() -> None:
     params = load_params(ROOT / "params.yaml")
-    assert isinstance(params.seed, int)
+    assert isinstance(params.train.seed, int) and isinstance(params.preprocess.seed, int)
     assert params.train.arch == "airbench"
     assert 0 <= params.preprocess.val_fraction < 1
     assert isinstance(params.train.lr, float)
@@ -28,7 +28,8 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["train"].update(lrr=0.1), "train.lrr"),
     (lambda p: p.update(trian={"lr": 1}), "trian"),
     (lambda p: p["train"].pop("lr"), "missing key(s) ['train.lr']"),
-    (lambda p: p.pop("seed"), "missing key(s) ['seed']"),
+    (lambda p: p["train"].pop("seed"), "missing key(s) ['train.seed']"),
+    (lambda p: p.update(seed=0), "unknown key(s) ['seed']"),  # the old top-level seed
     (lambda p: p["train"].update(lr="abc"), "train.lr must be a number, found 'abc'"),
     (lambda p: p["train"].update(batch_size=2.5), "train.batch_size must be an integer, found 2.5"),
     (lambda p: p["train"].update(nesterov="yes"), "train.nesterov must be true or false"),
@@ -36,7 +37,8 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["preprocess"].update(val_fraction=1.5), "preprocess.val_fraction must be a number in [0, 1)"),
     (lambda p: p["download"].update(md5="xyz"), "download.md5 must be 32 lowercase hex digits"),
     (lambda p: p["train"].update(lr=float("nan")), "train.lr must be a finite number"),
-    (lambda p: p.update(seed=-1), "seed must be an integer >= 0"),
+    (lambda p: p["preprocess"].update(seed=-1), "preprocess.seed must be an integer >= 0"),
+    (lambda p: p["train"].update(seed=-1), "train.seed must be an integer >= 0"),
     (lambda p: p.update(train=[1, 2]), "train must be a mapping"),
     (lambda p: p["finetune"].update(freeze_epochs=5), "finetune.freeze_epochs"),
 ])

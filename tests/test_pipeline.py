@@ -105,6 +105,13 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert low["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
     assert "accuracy" in low["data"]["metrics"]["metrics/eval/train.json"]["data"]
 
+    # The training seed is train's own param: the data stages stay as they are.
+    seeded = dvc(repo, "exp", "run", "-n", "seed-1", "-S", "train.seed=1")
+    for stage in ("download", "extract", "preprocess"):
+        assert f"Running stage '{stage}'" not in seeded.stdout
+    for stage in ("train", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in seeded.stdout
+
     # A committed change of params shows in `dvc metrics diff` against the previous commit.
     git(repo, "checkout", "--", ".")
     dvc(repo, "checkout", "-q")
