@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -77,6 +78,26 @@ def match_weights(model: nn.Module, loaded: dict[str, torch.Tensor], path: Path)
     return report
 
 
+def init_arch(init: Path, arch: str | None) -> str:
+    """The architecture to build: from the model.json beside `init` when there is one (a model
+    this project saved), else `finetune.arch`, which a bare state_dict needs."""
+    sidecar = init.parent / "model.json"
+    if not sidecar.is_file():
+        if arch is None:
+            raise StageError(f"finetune.init: {init} has no model.json beside it to name its "
+                             "architecture; set finetune.arch to the one it was saved from")
+        return arch
+    try:
+        saved = json.loads(sidecar.read_text())["arch"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise StageError(f"{sidecar}: cannot read the arch of {init} ({err}); rerun the stage "
+                         "that wrote it") from None
+    if arch is not None and arch != saved:
+        raise StageError(f"finetune.arch is {arch!r} but {sidecar} says {init} is a {saved!r}; set "
+                         "finetune.arch to null (it is read from model.json)")
+    return saved
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -88,7 +109,7 @@ def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.dev
     init = Path(tune.init)
     loaded = read_state_dict(init)
     data = load_data(images_dir, device, params.workers)
-    model = build_model(tune.arch, len(data.classes))
+    model = build_model(params.arch, len(data.classes))
     report = match_weights(model, loaded, init)
     if ranks.main:
         print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
@@ -109,7 +130,8 @@ def main() -> None:
     tune = params.finetune
     # finetune runs train's loop: the train section's knobs (its seed too), with finetune's
     # own overrides
-    loop_params = dataclasses.replace(params.train, arch=tune.arch, epochs=tune.epochs,
+    arch = init_arch(Path(tune.init), tune.arch)
+    loop_params = dataclasses.replace(params.train, arch=arch, epochs=tune.epochs,
                                       batch_size=tune.batch_size, lr=tune.lr)
     run_stage("finetune", __doc__, loop_params,
               functools.partial(finetune, tune=tune, params=loop_params))

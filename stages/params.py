@@ -108,7 +108,8 @@ class TrainParams:
 class FinetuneParams:
     """Finetune runs train's loop; the loop knobs not listed here come from the train section."""
     init: str  # state_dict file to start from; also a dep of the stage in dvc.yaml
-    arch: Literal["airbench", "lenet", "resnet18"]  # must be the architecture `init` was saved from
+    # only for a bare state_dict: a model this project saved names its arch in its model.json
+    arch: Literal["airbench", "lenet", "resnet18"] | None
     epochs: float
     batch_size: int
     lr: float  # backbone learning rate
@@ -192,6 +193,11 @@ def build(cls: type, raw: object, section: str) -> Any:
 
 
 def _convert(hint: Any, value: object, key: str) -> object:
+    options = typing.get_args(hint)
+    if type(None) in options:  # X | None
+        if value is None:
+            return None
+        return _convert(next(o for o in options if o is not type(None)), value, key)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)
     if typing.get_origin(hint) is Literal:

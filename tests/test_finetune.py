@@ -7,9 +7,9 @@ import torchvision
 
 from stages.data import BatchLoader
 from stages.devices import pick_precision
-from stages.finetune import match_weights, read_state_dict
+from stages.finetune import init_arch, match_weights, read_state_dict
 from stages.loop import Training, param_groups
-from stages.model import build_model
+from stages.model import build_model, save_model
 from stages.outputs import StageError
 from tests.test_loop import CPU, toy_data, train_params
 
@@ -115,3 +115,20 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
     training.epoch += 1
     training.run_epoch()
     assert not torch.equal(model.fc1.weight, backbone["fc1.weight"])
+
+
+def test_the_architecture_comes_from_the_model_json_beside_the_init_file(tmp_path: Path) -> None:
+    saved = tmp_path / "models" / "train"
+    save_model(build_model("lenet", 10), saved, {"arch": "lenet", "classes": [str(i) for i in range(10)]})
+    assert init_arch(saved / "model.pt", None) == "lenet"
+    assert init_arch(saved / "model.pt", "lenet") == "lenet"
+    with pytest.raises(StageError, match=r"finetune.arch is 'resnet18' but .*model.json says .* 'lenet'"):
+        init_arch(saved / "model.pt", "resnet18")
+
+
+def test_a_bare_state_dict_needs_finetune_arch(tmp_path: Path) -> None:
+    bare = tmp_path / "resnet18-imagenet.pth"
+    torch.save(build_model("resnet18", 1000).state_dict(), bare)
+    assert init_arch(bare, "resnet18") == "resnet18"
+    with pytest.raises(StageError, match="no model.json beside it .* set finetune.arch"):
+        init_arch(bare, None)

@@ -112,6 +112,14 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     for stage in ("train", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in seeded.stdout
 
+    # Another architecture (with learning rates that suit it) runs through finetune, which
+    # reads it from models/train/model.json: finetune.arch stays null.
+    dvc(repo, "exp", "run", "-n", "lenet", "-S", "train.arch=lenet", "-S", "train.optimizer=adam",
+        "-S", "train.lr=0.003", "-S", "finetune.lr=0.003", "-S", "finetune.head_lr=0.003")
+    assert yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["arch"] is None
+    for name in ("train", "finetune"):
+        assert json.loads((repo / "models" / name / "model.json").read_text())["arch"] == "lenet"
+
     # A committed change of params shows in `dvc metrics diff` against the previous commit.
     git(repo, "checkout", "--", ".")
     dvc(repo, "checkout", "-q")
