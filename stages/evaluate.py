@@ -3,9 +3,9 @@
 usage: python -m stages.evaluate IMAGES_DIR METRICS_DIR PLOTS_DIR MODEL_DIR...
 
 For each MODEL_DIR (named e.g. models/train), writes METRICS_DIR/<name>.json (accuracy, loss,
-macro F1, per-class accuracy, flip and flip+shift test-time-augmented accuracy) and
-PLOTS_DIR/<name>/confusion.csv (for DVC's confusion template), per_class.csv and
-misclassified.png (a grid of wrong test images, true -> predicted).
+macro F1, flip and flip+shift test-time-augmented accuracy, where it ran) and
+PLOTS_DIR/<name>/confusion.csv (for DVC's confusion template), per_class.csv (per-class
+accuracy) and misclassified.png (a grid of wrong test images, true -> predicted).
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-          batch_size: int, dtype: torch.dtype | None) -> tuple[dict, torch.Tensor]:
-    """Metrics for one model; returns (metrics, predictions without TTA)."""
+          batch_size: int, dtype: torch.dtype | None) -> tuple[dict, list[float], torch.Tensor]:
+    """Metrics for one model; returns (metrics, per-class accuracy, predictions without TTA).
+    Per-class figures go to per_class.csv and its plot, not into the metrics: a column each
+    would crowd `dvc exp show`."""
     logits = predict_levels(model, images, batch_size, list(TTA_LEVELS), dtype)
     loss, accuracy = loss_and_accuracy(logits["none"], labels)
     metrics: dict[str, float] = {"accuracy": round(accuracy, 5), "loss": round(loss, 5)}
@@ -56,9 +58,7 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cl
     confusion = confusion_matrix(labels.cpu(), predictions.cpu(), len(classes))
     metrics["macro_f1"] = round(macro_f1(confusion), 5)
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
-    for name, value in zip(classes, per_class.tolist()):
-        metrics[f"accuracy_{name}"] = round(value, 5)
-    return metrics, predictions
+    return metrics, [round(value, 5) for value in per_class.tolist()], predictions
 
 
 def write_confusion(path: Path, labels: list[int], predictions: list[int], classes: list[str]) -> None:
@@ -68,11 +68,11 @@ def write_confusion(path: Path, labels: list[int], predictions: list[int], class
         writer.writerows([classes[a], classes[p]] for a, p in zip(labels, predictions))
 
 
-def write_per_class(path: Path, metrics: dict, classes: list[str]) -> None:
+def write_per_class(path: Path, per_class: list[float], classes: list[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "accuracy"])
-        writer.writerows([name, metrics[f"accuracy_{name}"]] for name in classes)
+        writer.writerows(zip(classes, per_class))
 
 
 def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
@@ -109,12 +109,12 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
                                  f"{images_dir}/classes.json {classes}")
             stats = sidecar["normalization"]
             images = normalize(device_images, stats["mean"], stats["std"])
-            metrics, predictions = score(model.to(device, memory_format=torch.channels_last), images,
+            metrics, per_class, predictions = score(model.to(device, memory_format=torch.channels_last), images,
                                          device_labels, classes, params.batch_size, precision.dtype)
             out = plots_tmp / model_dir.name
             out.mkdir()
             write_confusion(out / "confusion.csv", labels.tolist(), predictions.tolist(), classes)
-            write_per_class(out / "per_class.csv", metrics, classes)
+            write_per_class(out / "per_class.csv", per_class, classes)
             misclassified_grid(raw_images, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))

@@ -89,13 +89,18 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     metrics = final_metrics(training, data, params)
     metrics["wall_seconds"] = round(watch.wall_seconds(), 2)
     machine = hardware(device, precision)
+    # no timings in model.json: the same weights make the same folder, and nothing downstream
+    # of it goes stale (they are in the metrics file)
     save_model(model, outputs.model_dir, {
         "arch": params.arch, "classes": data.classes, "normalization": data.normalization,
         "input_size": list(data.train_images.shape[-2:]),
-        "params": {**dataclasses.asdict(params), **recorded}, "metrics": metrics,
-        "hardware": machine})
+        "params": {**dataclasses.asdict(params), **recorded},
+        "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS}, "hardware": machine})
     write_json(outputs.metrics, {**metrics, **machine, **report})
     return metrics
+
+
+TIMINGS = ("train_seconds", "images_per_second", "wall_seconds")
 
 
 def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:

@@ -31,8 +31,11 @@ def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_pat
              EvaluateParams(batch_size=7, device="cpu", amp=False, misclassified=5))
     for name in ("train", "finetune"):
         metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
-        per_class = [metrics[f"accuracy_{c}"] for c in CLASSES]
-        assert metrics["accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-4)  # 2 per class
+        with open(tmp_path / "plots" / name / "per_class.csv") as f:
+            per_class = {row["class"]: float(row["accuracy"]) for row in csv.DictReader(f)}
+        assert list(per_class) == CLASSES
+        assert metrics["accuracy"] == pytest.approx(sum(per_class.values()) / 10, abs=1e-4)  # 2 per class
+        assert not any(key.startswith("accuracy_") and key[9:] in CLASSES for key in metrics)
         assert {"loss", "macro_f1", "accuracy_tta_flip", "accuracy_tta_flip_shift"} <= set(metrics)
         with open(tmp_path / "plots" / name / "confusion.csv") as f:
             rows = list(csv.DictReader(f))

@@ -17,6 +17,11 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+# The README's `dvc exp show` options for a readable experiments table.
+EXP_TABLE = ("--only-changed", "--drop", ".*(seconds|per_second|loss|models/|Created).*",
+             "--sort-by", "metrics/eval/finetune.json:accuracy_tta_flip_shift", "--sort-order", "desc")
+
+
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            # the stages' `python` must be this interpreter, as `make` arranges
@@ -119,6 +124,13 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["arch"] is None
     for name in ("train", "finetune"):
         assert json.loads((repo / "models" / name / "model.json").read_text())["arch"] == "lenet"
+
+    # The README's table of the experiments: per-class figures and timings stay out of it.
+    table = dvc(repo, "exp", "show", "--csv", *EXP_TABLE).stdout.splitlines()
+    header = table[0].split(",")
+    assert len(table) >= 1 + 3 and "metrics/eval/finetune.json:accuracy_tta_flip_shift" in header
+    assert not [c for c in header if "seconds" in c or "accuracy_cat" in c or c.startswith("models/")]
+    assert len(header) <= 22, header  # 6 params changed across the 3 experiments
 
     # A committed change of params shows in `dvc metrics diff` against the previous commit.
     git(repo, "checkout", "--", ".")
