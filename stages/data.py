@@ -6,6 +6,7 @@ from it on the training device (`BatchLoader`), as airbench's CifarLoader does.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from stages.outputs import StageError
 
@@ -167,11 +169,17 @@ def decode_split(csv_path: Path, root: Path, num_classes: int,
     size = load_image(annotations.paths[0]).size
     paths = annotations.paths
     tasks = [(paths[i:i + DECODE_CHUNK], size) for i in range(0, len(paths), DECODE_CHUNK)]
-    if workers == 1 or len(tasks) == 1:
-        arrays = [_decode_chunk(task) for task in tasks]
-    else:
-        with multiprocessing.Pool(min(workers, len(tasks))) as pool:
-            arrays = pool.map(_decode_chunk, tasks)
+    with contextlib.ExitStack() as stack:
+        chunks = map(_decode_chunk, tasks)
+        if workers > 1 and len(tasks) > 1:
+            pool = stack.enter_context(multiprocessing.Pool(min(workers, len(tasks))))
+            chunks = pool.imap(_decode_chunk, tasks)  # in order
+        bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc=f"decode {csv_path.name}",
+                                       leave=False, mininterval=1))
+        arrays = []
+        for chunk in chunks:
+            arrays.append(chunk)
+            bar.update(len(chunk))
     images = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(annotations.labels, dtype=torch.int64)
 

@@ -169,7 +169,7 @@ def predict_levels(model: nn.Module, images: torch.Tensor, batch_size: int, leve
     model.eval()
     count = max(len(TTA_WEIGHTS[level]) for level in levels)
     out: dict[str, list[torch.Tensor]] = {level: [] for level in levels}
-    for batch in images.split(batch_size):
+    for batch in tqdm(images.split(batch_size), desc="predict", leave=False, mininterval=2):
         with autocast(batch.device, dtype):
             logits = [model(v.contiguous(memory_format=torch.channels_last)).float()
                       for v in tta_views(batch, count)]
@@ -397,6 +397,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         with naming_out_of_memory(training):
             warm_up(training, val if main else None)
     while training.epoch < training.epochs and training.step < training.total_steps:
+        first_step, seconds_before = training.step, training.watch.seconds()
         with naming_out_of_memory(training):
             with training.watch.section():
                 epoch = training.run_epoch()
@@ -410,7 +411,13 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         if not main:
             continue
         save_checkpoint(checkpoint, training)
+        # the timings are logged, not kept in the history: a resumed run replays equal rows
+        seconds = training.watch.seconds() - seconds_before
+        images = (training.step - first_step) * training.params.batch_size
+        row = {**row, "lr": training.params.lr * lr_factor(training.params.schedule, training.step - 1,
+                                                          training.total_steps, training.params.warmup),
+               "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "
-              + " ".join(f"{k} {v:.4f}" for k, v in row.items())
+              + " ".join(f"{k} {v:.4g}" for k, v in row.items())
               + f" (training {training.watch.seconds():.1f} s)")

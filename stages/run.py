@@ -80,10 +80,10 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
         return {}
     with Live(str(outputs.live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
-            live.step = epoch
+            assert live.step == epoch  # epochs arrive in order, replayed ones first
             for key, value in row.items():
                 live.log_metric(key, value)
-            live.make_summary()
+            live.next_step()  # writes the summary; DVC's tools see each epoch as it ends
 
         fit(training, data.val, checkpoint, log_epoch)
     metrics = final_metrics(training, data, params)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages import data
 from stages.data import CsvImageDataset, decode_split
 from stages.outputs import StageError
 
@@ -17,11 +18,14 @@ def test_csv_dataset_yields_images_and_labels(image_folder: Path) -> None:
     assert with_transform[0] == ((32, 32), label)
 
 
-def test_decode_split_matches_the_per_sample_dataset(image_folder: Path) -> None:
-    images, labels = decode_split(image_folder / "test.csv", image_folder, num_classes=10)
+@pytest.mark.parametrize("workers, chunk", [(1, 2500), (2, 3), (1, 3)])
+def test_decode_split_matches_the_per_sample_dataset(image_folder: Path, monkeypatch, workers,
+                                                     chunk) -> None:
+    monkeypatch.setattr(data, "DECODE_CHUNK", chunk)  # 3: seven chunks, in processes or not
+    images, labels = decode_split(image_folder / "test.csv", image_folder, 10, workers)
     assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
     dataset = CsvImageDataset(image_folder / "test.csv", image_folder)
-    for i in (0, 7, 19):
+    for i in range(20):
         image, label = dataset[i]
         expected = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3)
         assert torch.equal(images[i], expected.permute(2, 0, 1))

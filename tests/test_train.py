@@ -57,6 +57,9 @@ def test_train_stage_is_deterministic_on_cpu(tmp_path: Path, image_folder: Path)
     assert len(sidecar["normalization"]["mean"]) == 3
     curves = (cwd / "dvclive/a/plots/metrics/val/accuracy.tsv").read_text().splitlines()
     assert curves[0] == "step\taccuracy" and len(curves) == 3
+    for name in ("lr", "epoch_seconds", "images_per_second"):  # live progress, per epoch
+        assert len((cwd / f"dvclive/a/plots/metrics/{name}.tsv").read_text().splitlines()) == 3
+    assert json.loads((cwd / "dvclive/a/metrics.json").read_text())["step"] == 1  # the last epoch
 
 
 @pytest.mark.slow
