@@ -97,6 +97,8 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
         "params": {**dataclasses.asdict(params), **recorded},
         "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS}, "hardware": machine})
     write_json(outputs.metrics, {**metrics, **machine, **report})
+    # done: a rerun (`dvc repro -f`) trains afresh instead of resuming a finished run
+    outputs.checkpoint.unlink(missing_ok=True)
     return metrics
 
 

@@ -110,6 +110,18 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert low["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
     assert "accuracy" in low["data"]["metrics"]["metrics/eval/train.json"]["data"]
 
+    # DVC's run cache: a repeated experiment is restored, not run. And a forced rerun trains
+    # afresh: the finished run's checkpoint is gone, so there is nothing to resume.
+    for lr in ("0.5", "1.0"):
+        dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
+    repeated = dvc(repo, "exp", "run", "-S", "train.lr=0.5")
+    for stage in ("train", "finetune", "export", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in repeated.stdout
+    assert "Running stage" not in repeated.stdout
+    assert not (repo / "checkpoints").exists() or not list((repo / "checkpoints").iterdir())
+    forced = dvc(repo, "repro", "-f", "train")
+    assert "Running stage 'train'" in forced.stdout and "resuming" not in forced.stdout
+
     # The training seed is train's own param: the data stages stay as they are.
     seeded = dvc(repo, "exp", "run", "-n", "seed-1", "-S", "train.seed=1")
     for stage in ("download", "extract", "preprocess"):
