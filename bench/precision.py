@@ -2,7 +2,7 @@
 measured side by side in one process, and the configuration the stages use (`amp: auto`,
 channels_last) as a ratio to the fastest. Goal: <= 1.10 on every CPU kind.
 
-usage: python -m bench.precision [--device auto|cpu|cuda|mps] [--batch-size N] [--steps N]
+usage: python -m bench.precision [--device cpu|auto|cuda|mps] [--batch-size N] [--steps N]
 
 The configurations take turns, one step each per round, so that a machine whose speed drifts
 (a shared VM) slows them alike; each reports its median step. On a CPU without native bf16 a
@@ -33,9 +33,9 @@ class Config:
 
 
 def precisions(device: torch.device) -> dict[str, torch.dtype | None]:
-    """float32 and the half type the device autocasts to (fp16 on MPS, else bf16)."""
-    half = torch.float16 if device.type == "mps" else torch.bfloat16
-    return {"float32": None, str(half).removeprefix("torch."): half}
+    """float32 and the half type the device autocasts to (`amp: true`'s)."""
+    half = pick_precision(device, True)
+    return {"float32": None, half.name: half.dtype}
 
 
 def make_step(params: TrainParams, device: torch.device, config: Config,
@@ -81,12 +81,12 @@ def report(medians: dict[Config, float], chosen: Config, precision: Precision,
     fastest = min(medians.values())
     lines = [f"{'precision':<10} {'layout':<14} {'step s':>8} {'img/s':>8} {'vs fastest':>10}"]
     for config, seconds in sorted(medians.items(), key=lambda item: item[1]):
-        mark = "  <- amp: auto" if config == chosen else ""
+        mark = "  <- the stages' choice" if config == chosen else ""
         lines.append(f"{config.precision:<10} {config.layout:<14} {seconds:8.3f} "
                      f"{batch_size / seconds:8.0f} {seconds / fastest:9.2f}x{mark}")
     ratio = medians[chosen] / fastest
     verdict = "met" if ratio <= GOAL else "MISSED"
-    lines.append(f"amp: auto picks {chosen.precision} + {chosen.layout} ({precision.reason}): "
+    lines.append(f"the stages compute in {chosen.precision} + {chosen.layout} ({precision.reason}): "
                  f"{ratio:.2f}x the fastest (goal <= {GOAL:.2f}: {verdict})")
     return lines
 
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params().train
     device = pick_device(args.device)
-    precision = pick_precision(device, "auto")
+    precision = pick_precision(device, params.amp)
     chosen = Config(precision.name, "channels_last")  # the loop always trains channels_last
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"{params.arch}, one training step of batch {args.batch_size}, median of {args.steps}; "

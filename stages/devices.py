@@ -133,6 +133,8 @@ class Stopwatch:
             end.record()
             self.events.append((start, end))
             return
+        if self.device.type == "mps":
+            torch.mps.synchronize()  # work queued before the section is not the section's
         begin = time.perf_counter()
         yield
         if self.device.type == "mps":
@@ -145,6 +147,11 @@ class Stopwatch:
             self.events[-1][1].synchronize()
         device = sum(start.elapsed_time(end) for start, end in self.events) / 1000  # ms
         return self.carried + self.host + device
+
+    def restore(self, seconds: float) -> None:
+        """Resume at `seconds`: a checkpoint's total, which already holds everything this
+        process timed again before resuming (e.g. the whitening)."""
+        self.carried, self.host, self.events = seconds, 0.0, []
 
     def wall_seconds(self) -> float:
         return time.perf_counter() - self.started

@@ -209,6 +209,9 @@ class Training:
         # epochs and the final evaluation; not validation, checkpoints or set-up
         self.watch = watch or Stopwatch(device)
         self.optimizer = make_optimizer(params, groups)
+        # fp16 (MPS) needs the loss scaled so that small gradients do not underflow; bf16 and
+        # float32 have float32's range, and the scaler then does nothing
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype is torch.float16)
         # DDP-wrapped and compiled forward for training only; the state_dict is taken from the
         # plain module, so its keys carry no `module.` or `_orig_mod.` prefix.
         forward = wrap(model, ranks, device)
@@ -219,6 +222,7 @@ class Training:
         self.epoch = 0
         self.average: WeightAverage | None = None
         self.history: list[dict[str, float]] = []
+        self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
         self.criterion = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
 
     def set_lr(self) -> None:
@@ -227,6 +231,12 @@ class Training:
             trains = group.trains_in(self.epoch)
             spec["lr"] = group.lr * factor if trains else 0.0
             spec["weight_decay"] = group.weight_decay if trains else 0.0
+
+    def logged_lr(self) -> float:
+        """The learning rate of the last step: the backbone's (zero while it is frozen), or the
+        head's where the model has nothing else."""
+        lrs = {g.name: spec["lr"] for g, spec in zip(self.groups, self.optimizer.param_groups)}
+        return lrs.get("backbone", lrs["head"])
 
     def start_groups(self) -> None:
         """A group that starts training now forgets the momentum it gathered while frozen, so
@@ -285,16 +295,19 @@ class Training:
             logits = self.forward(images)
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return logits.detach(), loss.detach()
 
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "average": None if self.average is None else self.average.average,
             "step": self.step, "epoch": self.epoch, "history": self.history,
             "loader_epoch": self.loader.epoch, "train_seconds": self.watch.seconds(),
+            "epochs_seconds": self.epochs_seconds,
             # bytes, not tensors: a map_location never moves them, and the generators take
             # only CPU byte tensors
             "loader_rng": rng_bytes(self.loader.generator.get_state()),
@@ -306,12 +319,14 @@ class Training:
         moves its own), RNG states stay on the CPU."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         if state["average"] is not None:
             self.average = WeightAverage(self.model)
             self.average.average = {k: v.to(self.device) for k, v in state["average"].items()}
         self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
         self.loader.epoch = state["loader_epoch"]
-        self.watch.carried = state["train_seconds"]
+        self.watch.restore(state["train_seconds"])
+        self.epochs_seconds = state["epochs_seconds"]
         self.loader.generator.set_state(rng_tensor(state["loader_rng"]))
         torch.set_rng_state(rng_tensor(state["torch_rng"]))
 
@@ -354,7 +369,8 @@ def warm_up(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -
     Weights and optimizer state are put back and no random number is drawn, so the run is
     exactly the one it would have been without."""
     saved = copy.deepcopy({"model": training.model.state_dict(),
-                           "optimizer": training.optimizer.state_dict()})
+                           "optimizer": training.optimizer.state_dict(),
+                           "scaler": training.scaler.state_dict()})
     loader, ranks = training.loader, training.ranks
     # the shape of a real batch, so that a compiled graph is reused, not recompiled
     index = torch.arange(min(loader.batch_size, len(loader.labels)), device=loader.labels.device)
@@ -366,6 +382,7 @@ def warm_up(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -
                        training.params.eval_batch_size, "none", training.precision.dtype)
     training.model.load_state_dict(saved["model"])
     training.optimizer.load_state_dict(saved["optimizer"])
+    training.scaler.load_state_dict(saved["scaler"])
 
 
 @contextlib.contextmanager
@@ -401,6 +418,8 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         with naming_out_of_memory(training):
             with training.watch.section():
                 epoch = training.run_epoch()
+            seconds = training.watch.seconds() - seconds_before
+            training.epochs_seconds += seconds
             row = {"train/loss": epoch["loss"], "train/accuracy": epoch["accuracy"]}
             if main and val is not None and validation_due(training):
                 logits = predict_logits(training.model, val[0], training.params.eval_batch_size,
@@ -412,11 +431,9 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
             continue
         save_checkpoint(checkpoint, training)
         # the timings are logged, not kept in the history: a resumed run replays equal rows
-        seconds = training.watch.seconds() - seconds_before
         images = (training.step - first_step) * training.params.batch_size
-        row = {**row, "lr": training.params.lr * lr_factor(training.params.schedule, training.step - 1,
-                                                          training.total_steps, training.params.warmup),
-               "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
+        row = {**row, "lr": training.logged_lr(), "epoch_seconds": seconds,
+               "images_per_second": images / max(seconds, 1e-9)}
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "
               + " ".join(f"{k} {v:.4g}" for k, v in row.items())

@@ -74,7 +74,8 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     loader = training_loader(params, data.train_images, data.train_labels, params.seed, ranks)
     training = Training(model, groups, params, loader, device, precision, ranks, watch)
     checkpoint = Checkpoint(outputs.checkpoint,
-                            fingerprint(params, data.fingerprint, recorded, ranks.world))
+                            fingerprint(params, data.fingerprint, recorded, ranks.world,
+                                        device.type, precision.name))
     if not ranks.main:
         fit(training, None, checkpoint, lambda epoch, row: None)
         return {}
@@ -109,7 +110,6 @@ def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
     """Validation at every level up to `tta` (timed: airbench counts its final evaluation),
     then the times: `train_seconds` counts the timed sections, `images_per_second` the epochs."""
     metrics: dict = {"epochs": params.epochs, "steps": training.step}
-    epochs_seconds = training.watch.seconds()
     if data.val is not None:
         levels = list(dict.fromkeys(("none", params.tta)))
         with training.watch.section():
@@ -122,5 +122,5 @@ def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
             metrics[f"val_accuracy{suffix}"] = round(accuracy, 5)
     metrics["train_seconds"] = round(training.watch.seconds(), 2)
     images_seen = training.step * params.batch_size
-    metrics["images_per_second"] = round(images_seen / max(epochs_seconds, 1e-9), 1)
+    metrics["images_per_second"] = round(images_seen / max(training.epochs_seconds, 1e-9), 1)
     return metrics
