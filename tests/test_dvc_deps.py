@@ -4,7 +4,6 @@ to date while its code changed."""
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import yaml
 
