@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from stages.devices import Precision, Stopwatch, cpu_flags, cpu_model, pick_device, pick_precision
+from stages.devices import (Precision, Stopwatch, cpu_summary, device_name, pick_device,
+                            pick_precision)
 from stages.loop import autocast, make_optimizer, scratch_groups
 from stages.model import build_model
 from stages.params import TrainParams, load_params
@@ -101,9 +102,8 @@ def main() -> None:
     device = pick_device(args.device)
     precision = pick_precision(device, params.amp)
     chosen = Config(precision.name, "channels_last")  # the loop always trains channels_last
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"{params.arch}, one training step of batch {args.batch_size}, median of {args.steps}; "
-          f"device {name}; CPU {cpu_model()} ({' '.join(cpu_flags()) or 'no AVX2, AVX-512 or AMX'}); "
+          f"device {device_name(device)}; CPU {cpu_summary()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     medians = measure(params, device, args.batch_size, args.steps)
     print("\n".join(report(medians, chosen, precision, args.batch_size)))

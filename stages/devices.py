@@ -98,17 +98,24 @@ def pick_precision(device: torch.device, amp: bool | str) -> Precision:
     return Precision(None, "amp auto: the CPU has neither AMX nor AVX512_BF16, so bf16 would be emulated")
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def cpu_summary() -> str:
+    """The CPU model and its deciding flags, as printed beside every figure."""
+    return f"{cpu_model()}: {' '.join(cpu_flags()) or 'no AVX2, AVX-512 or AMX'}"
+
+
 def hardware(device: torch.device, precision: Precision) -> dict[str, object]:
     """What a stage ran on, for its model.json and metrics file."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"device": name, "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
+    return {"device": device_name(device), "cpu": cpu_model(), "cpu_flags": " ".join(cpu_flags()),
             "precision": precision.name, "precision_reason": precision.reason}
 
 
 def announce(device: torch.device, precision: Precision) -> None:
     """The stage's first line (on stderr, beside tqdm's bars): where it computes, and in what."""
-    facts = hardware(device, precision)
-    print(f"device {facts['device']} (CPU {facts['cpu']}: {facts['cpu_flags'] or 'no AVX2, AVX-512 or AMX'}); "
+    print(f"device {device_name(device)} (CPU {cpu_summary()}); "
           f"precision {precision.name} ({precision.reason})", file=sys.stderr)
 
 

@@ -97,6 +97,7 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
     device = pick_device(params.device)
     precision = pick_precision(device, params.amp)
     announce(device, precision)
+    machine = hardware(device, precision)
     classes = read_classes(images_dir)
     raw_images, labels = decode_split(images_dir / "test.csv", images_dir, len(classes))
     device_images, device_labels = to_device(raw_images, device), labels.to(device)
@@ -109,8 +110,9 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
                                  f"{images_dir}/classes.json {classes}")
             stats = sidecar["normalization"]
             images = normalize(device_images, stats["mean"], stats["std"])
-            metrics, per_class, predictions = score(model.to(device, memory_format=torch.channels_last), images,
-                                         device_labels, classes, params.batch_size, precision.dtype)
+            model = model.to(device, memory_format=torch.channels_last)
+            metrics, per_class, predictions = score(model, images, device_labels, classes,
+                                                    params.batch_size, precision.dtype)
             out = plots_tmp / model_dir.name
             out.mkdir()
             write_confusion(out / "confusion.csv", labels.tolist(), predictions.tolist(), classes)
@@ -118,7 +120,7 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             misclassified_grid(raw_images, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))
-            results[model_dir.name] = {**metrics, **hardware(device, precision)}
+            results[model_dir.name] = {**metrics, **machine}
     for name, metrics in results.items():
         write_json(metrics_dir / f"{name}.json", metrics)
 

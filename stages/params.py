@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-
 from stages.outputs import StageError
 
 PARAMS_FILE = Path("params.yaml")
