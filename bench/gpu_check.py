@@ -17,7 +17,7 @@ status is 1 if any failed. In order:
      time as airbench counts it (whitening + training + final TTA), each run's wall time
      (model, checkpoints and evaluation included; the one-time decode reported apart) and
      peak GPU memory.
-About 5 minutes on one H100 with the defaults.
+Issue #10 budgets 10 minutes on one H100 for the defaults; not yet run on a GPU, so unmeasured.
 """
 from __future__ import annotations
 
