@@ -4,7 +4,7 @@ usage: python -m stages.evaluate IMAGES_DIR METRICS_DIR PLOTS_DIR MODEL_DIR...
 
 For each MODEL_DIR (named e.g. models/train), writes METRICS_DIR/<name>.json (accuracy, loss,
 macro F1, flip and flip+shift test-time-augmented accuracy, where it ran) and
-PLOTS_DIR/<name>/confusion.csv (for DVC's confusion template), per_class.csv (per-class
+PLOTS_DIR/<name>/confusion.csv (a count for every actual, predicted pair), per_class.csv (per-class
 accuracy) and misclassified.png (a grid of wrong test images, true -> predicted).
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-          batch_size: int, dtype: torch.dtype | None) -> tuple[dict, list[float], torch.Tensor]:
-    """Metrics for one model; returns (metrics, per-class accuracy, predictions without TTA).
+          batch_size: int, dtype: torch.dtype | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Metrics for one model; returns (metrics, confusion counts, predictions without TTA).
     Per-class figures go to per_class.csv and its plot, not into the metrics: a column each
     would crowd `dvc exp show`."""
     logits = predict_levels(model, images, batch_size, list(TTA_LEVELS), dtype)
@@ -57,22 +57,26 @@ def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cl
     predictions = logits["none"].argmax(1)
     confusion = confusion_matrix(labels.cpu(), predictions.cpu(), len(classes))
     metrics["macro_f1"] = round(macro_f1(confusion), 5)
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
-    return metrics, [round(value, 5) for value in per_class.tolist()], predictions
+    return metrics, confusion, predictions
 
 
-def write_confusion(path: Path, labels: list[int], predictions: list[int], classes: list[str]) -> None:
+def write_confusion(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
+    """Every (actual, predicted) pair with its count, zeros included, in class order: the
+    project's `confusion_counts` plot template then puts every class on both axes."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows([classes[a], classes[p]] for a, p in zip(labels, predictions))
+        writer.writerow(["actual", "predicted", "count"])
+        for actual, row in zip(classes, confusion.tolist()):
+            writer.writerows([actual, predicted, count] for predicted, count in zip(classes, row))
 
 
-def write_per_class(path: Path, per_class: list[float], classes: list[str]) -> None:
+def write_per_class(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
+    """Each class's test accuracy (its recall); a class without test images scores 0."""
+    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "accuracy"])
-        writer.writerows(zip(classes, per_class))
+        writer.writerows(zip(classes, [round(value, 5) for value in per_class.tolist()]))
 
 
 def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
@@ -111,12 +115,12 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             stats = sidecar["normalization"]
             images = normalize(device_images, stats["mean"], stats["std"])
             model = model.to(device, memory_format=torch.channels_last)
-            metrics, per_class, predictions = score(model, images, device_labels, classes,
+            metrics, confusion, predictions = score(model, images, device_labels, classes,
                                                     params.batch_size, precision.dtype)
             out = plots_tmp / model_dir.name
             out.mkdir()
-            write_confusion(out / "confusion.csv", labels.tolist(), predictions.tolist(), classes)
-            write_per_class(out / "per_class.csv", per_class, classes)
+            write_confusion(out / "confusion.csv", confusion, classes)
+            write_per_class(out / "per_class.csv", confusion, classes)
             misclassified_grid(raw_images, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))

@@ -81,7 +81,9 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
         return {}
     with Live(str(outputs.live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
-            assert live.step == epoch  # epochs arrive in order, replayed ones first
+            # DVCLive's step counts epochs from 1, the x axis of the `epochs` plots (a fractional
+            # last epoch is step ceil(epochs)); replayed epochs of a resumed run come first
+            live.step = epoch + 1
             for key, value in row.items():
                 live.log_metric(key, value)
             live.next_step()  # writes the summary; DVC's tools see each epoch as it ends

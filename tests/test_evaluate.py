@@ -39,6 +39,10 @@ def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_pat
         assert {"loss", "macro_f1", "accuracy_tta_flip", "accuracy_tta_flip_shift"} <= set(metrics)
         with open(tmp_path / "plots" / name / "confusion.csv") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 20 and {r["actual"] for r in rows} == set(CLASSES)
+        # every (actual, predicted) pair, zeros included: every class stays on both axes
+        assert [(r["actual"], r["predicted"]) for r in rows] == [(a, p) for a in CLASSES for p in CLASSES]
+        counts = {(r["actual"], r["predicted"]): int(r["count"]) for r in rows}
+        assert sum(counts.values()) == 20
+        assert all(counts[c, c] == round(2 * per_class[c]) for c in CLASSES)
         grid = Image.open(tmp_path / "plots" / name / "misclassified.png")
         assert grid.width == 8 * 96 and grid.height == 96 + 14

@@ -57,6 +57,7 @@ def init_repo(project: Path, tarball: tuple[Path, str]) -> Path:
     git(project, "config", "user.name", "test")
     dvc(project, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's cache type
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # its plot templates
     git(project, "add", "-A")
     git(project, "commit", "-qm", "init")
     return project
@@ -101,6 +102,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert dvc(repo, "status", "-q", check=False).returncode == 0
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")
+    fetch_a_registered_model(repo)
 
     # An experiment with another learning rate is listed with its metrics.
     dvc(repo, "exp", "run", "-n", "low-lr", "-S", "train.lr=0.05")
@@ -156,9 +158,20 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert diff["metrics/train.json"]["epochs"]["new"] == 1.0
     assert "accuracy" in diff["metrics/eval/train.json"]
 
-    rendered = dvc(repo, "plots", "show", "--json")
-    plots = json.loads(rendered.stdout)["data"]
-    assert "plots/eval/train/confusion.csv" in plots and "Training curves" in plots
+    rendered = json.loads(dvc(repo, "plots", "show", "--json").stdout)
+    assert "errors" not in rendered, rendered["errors"]
+    plots = rendered["data"]
+    # titled in words (DVC takes no title for an image: those keep their path)
+    assert all("/" not in name for name in plots if not name.endswith(".png")), list(plots)
+    confusion = plots["Test confusion matrix, trained model"][0]["content"]["data"]["values"]
+    classes = json.loads((repo / "data/images/classes.json").read_text())
+    assert {row["actual"] for row in confusion} == {row["predicted"] for row in confusion} == set(classes)
+    curve = plots["Loss per epoch (train and val; train, then finetune stage)"][0]["content"]
+    steps = {row["filename"]: [] for row in curve["data"]["values"]}
+    for row in curve["data"]["values"]:
+        steps[row["filename"]].append(int(row["step"]))
+    # DVC names each line by its path less the common prefix (dvclive/)
+    assert steps["train/plots/metrics/train/loss.tsv"] == [1]  # epochs counted from 1
 
     # DVC 3.67 refuses a plain typo itself; forced in with `+`, or as a bad value, DVC writes
     # it into params.yaml and the stage must refuse it.
@@ -170,6 +183,27 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
         assert refused.returncode != 0
         assert message in refused.stdout + refused.stderr
         git(repo, "checkout", "--", "params.yaml")
+
+
+def fetch_a_registered_model(repo: Path) -> None:
+    """The model registry: dvc.yaml's artifacts, a version tagged with GTO, and `dvc artifacts
+    get` by name from a clone that has no cache of its own, so the files come from the remote."""
+    artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
+    assert {a["path"] for a in artifacts.values()} == {"models/train", "models/finetune", "models/export"}
+    assert all(a["type"] == "model" and a["desc"] and a["labels"] for a in artifacts.values())
+    dvc(repo, "remote", "add", "-d", "local", str(repo.parent / "remote"))
+    git(repo, "commit", "-qam", "a DVC remote")
+    dvc(repo, "push", "-q")
+    run(repo, str(Path(sys.executable).parent / "gto"), "register", "cifar10-finetuned",
+        "--version", "v1.0.0")
+    clone = repo.parent / "clone"
+    git(repo.parent, "clone", "-q", str(repo), str(clone))
+    got = repo.parent / "got"
+    dvc(repo.parent, "artifacts", "get", str(clone), "cifar10-finetuned", "--rev", "v1.0.0",
+        "-o", str(got))
+    for name in ("model.pt", "model.json"):
+        assert (got / name).read_bytes() == (repo / "models" / "finetune" / name).read_bytes()
+    assert not (clone / ".dvc" / "cache").exists()  # fetched from the remote, not a cache
 
 
 def test_dvc_repro_after_sigkill_resumes_training(project: Path, tarball) -> None:
