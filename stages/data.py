@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
 from stages.outputs import StageError
 
-HEADER = ["path", "label", "class_name"]
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
 
 
@@ -36,7 +36,7 @@ class Annotations:
 
 
 def read_classes(root: Path) -> list[str]:
-    path = root / "classes.json"
+    path = root / CLASSES_FILE
     try:
         classes = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -47,7 +47,7 @@ def read_classes(root: Path) -> list[str]:
 
 
 def read_normalization(root: Path) -> dict[str, list[float]]:
-    path = root / "normalization.json"
+    path = root / NORMALIZATION_FILE
     try:
         stats = json.loads(path.read_text())
         ok = all(len(stats[k]) == 3 and all(isinstance(v, float) for v in stats[k]) for k in ("mean", "std"))
@@ -68,8 +68,8 @@ def read_annotations(csv_path: Path, root: Path, num_classes: int) -> Annotation
         with open(csv_path, newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            if header != HEADER:
-                raise StageError(f"{csv_path}: header must be {','.join(HEADER)}, found {header}")
+            if header != list(CSV_HEADER):
+                raise StageError(f"{csv_path}: header must be {','.join(CSV_HEADER)}, found {header}")
             for line, row in enumerate(reader, start=2):
                 path, label = _check_row(row, resolve, num_classes, f"{csv_path}:{line}")
                 if path in seen:
@@ -105,8 +105,8 @@ class _Resolver:
 
 
 def _check_row(row: list[str], resolve: _Resolver, num_classes: int, where: str) -> tuple[Path, int]:
-    if len(row) != len(HEADER):
-        raise StageError(f"{where}: expected {len(HEADER)} fields ({','.join(HEADER)}), found {row}")
+    if len(row) != len(CSV_HEADER):
+        raise StageError(f"{where}: expected {len(CSV_HEADER)} fields ({','.join(CSV_HEADER)}), found {row}")
     rel, label_text, _ = row
     if not label_text.isdigit() or int(label_text) >= num_classes:
         raise StageError(f"{where}: label must be an integer in [0, {num_classes}), found {label_text!r}")
@@ -287,7 +287,7 @@ def load_data(root: Path, device: torch.device, workers: int) -> Data:
     has_val = (root / "val.csv").exists()
     val = load_split(root, "val", classes, stats, device, workers) if has_val else None
     digest = hashlib.sha256()
-    for name in ("train.csv", "val.csv", "normalization.json"):
+    for name in ("train.csv", "val.csv", NORMALIZATION_FILE):
         if (root / name).exists():
             digest.update((root / name).read_bytes())
     return Data(classes, stats, train_images, train_labels, val, digest.hexdigest())

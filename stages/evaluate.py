@@ -19,12 +19,12 @@ from PIL import Image, ImageDraw
 
 from stages.data import decode_split, normalize, read_classes, to_device
 from stages.devices import announce, hardware, pick_device, pick_precision
+from stages.folder import CLASSES_FILE
 from stages.loop import loss_and_accuracy, predict_levels
 from stages.model import load_trained
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
-from stages.params import EvaluateParams, load_params
+from stages.params import TTA_LEVELS, EvaluateParams, load_params
 
-TTA_LEVELS = ("none", "flip", "flip_shift")
 CELL_SCALE = 3  # 32 px images drawn at 96 px, so that they are recognisable
 LABEL_HEIGHT = 14
 GRID_COLUMNS = 8
@@ -111,7 +111,7 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             model, sidecar = load_trained(model_dir)
             if sidecar["classes"] != classes:
                 raise StageError(f"{model_dir}/model.json: classes {sidecar['classes']} differ from "
-                                 f"{images_dir}/classes.json {classes}")
+                                 f"{images_dir / CLASSES_FILE} {classes}")
             stats = sidecar["normalization"]
             images = normalize(device_images, stats["mean"], stats["std"])
             model = model.to(device, memory_format=torch.channels_last)

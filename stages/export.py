@@ -36,7 +36,7 @@ def export(model_dir: Path, out: Path) -> None:
     model, sidecar = load_trained(model_dir)
     stats = sidecar["normalization"]
     wrapped = Normalized(model, stats["mean"], stats["std"]).eval()
-    height, width = sidecar.get("input_size", [32, 32])
+    height, width = sidecar["input_size"]
     example = torch.rand(2, 3, height, width)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))

@@ -21,7 +21,7 @@ from stages.data import BatchLoader
 from stages.devices import Precision, Ranks, Stopwatch, all_sum, wrap
 from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
-from stages.params import TrainParams
+from stages.params import TTA_LEVELS, TrainParams
 
 # Triangle schedule ends, as airbench: start at 0.2 x lr, peak at `warmup`, end at 0.07 x lr.
 TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
@@ -140,13 +140,14 @@ class WeightAverage:
                 value.copy_(self.average[key])
 
 
-# Test-time augmentation (airbench's levels): the weights of the views that `tta_views` makes,
-# in its order. Each level's views are a prefix of the next, so all levels share one pass.
-TTA_WEIGHTS = {
-    "none": (1.0,),
-    "flip": (0.5, 0.5),
-    "flip_shift": (0.25, 0.25, 0.125, 0.125, 0.125, 0.125),
-}
+# Test-time augmentation (airbench's levels): per level, the weights of the views that
+# `tta_views` makes, in its order. Each level's views are a prefix of the next, so all levels
+# share one pass.
+TTA_WEIGHTS = dict(zip(TTA_LEVELS, [
+    (1.0,),  # none
+    (0.5, 0.5),  # flip
+    (0.25, 0.25, 0.125, 0.125, 0.125, 0.125),  # flip_shift: and four 2-pixel shifts
+], strict=True))
 
 
 def tta_views(images: torch.Tensor, count: int) -> list[torch.Tensor]:

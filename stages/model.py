@@ -198,8 +198,10 @@ def load_trained(model_dir: Path) -> tuple[nn.Module, dict]:
     """Rebuild a saved model on the CPU from its directory; returns (model, sidecar)."""
     try:
         sidecar = json.loads((model_dir / "model.json").read_text())
-        arch, classes = sidecar["arch"], sidecar["classes"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        arch, classes, size = sidecar["arch"], sidecar["classes"], sidecar["input_size"]
+        if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+            raise ValueError(f"input_size must be [height, width], found {size}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise StageError(f"{model_dir / 'model.json'}: cannot read the model's sidecar ({err}); "
                          "rerun the stage that wrote it") from None
     if arch not in ARCHS:

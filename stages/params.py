@@ -16,6 +16,9 @@ PARAMS_FILE = Path("params.yaml")
 # Mixed precision: auto = where the device computes it natively (devices.pick_precision);
 # true / false force autocast on / off.
 Amp = Literal["auto", True, False]
+# Test-time augmentation levels, each adding views to the one before (loop.TTA_WEIGHTS); every
+# list of them (train.tta's values, evaluate's metrics) is this one.
+TTA_LEVELS = ("none", "flip", "flip_shift")
 
 
 class ParamsError(StageError):
@@ -69,7 +72,7 @@ class TrainParams:
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
     whiten_bias_epochs: int  # airbench: train the whitening conv's bias this long, then freeze
-    tta: Literal["none", "flip", "flip_shift"]  # views averaged when evaluating
+    tta: Literal[TTA_LEVELS]  # views averaged when evaluating
     device: Literal["auto", "cpu", "cuda", "mps"]
     amp: Amp
     compile: bool

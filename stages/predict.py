@@ -33,7 +33,7 @@ def top_k(model_dir: Path, paths: list[Path], k: int, device: torch.device = tor
           dtype: torch.dtype | None = None) -> list[list[tuple[str, float]]]:
     model, sidecar = load_trained(model_dir)
     classes, stats = sidecar["classes"], sidecar["normalization"]
-    height, width = sidecar.get("input_size", [32, 32])
+    height, width = sidecar["input_size"]
     images = normalize(prepare(paths, (width, height)).to(device), stats["mean"], stats["std"])
     logits = predict_logits(model.to(device, memory_format=torch.channels_last), images,
                             PREDICT_BATCH, "none", dtype)

@@ -2,10 +2,10 @@
 
 usage: python -m stages.preprocess BATCHES_DIR OUT_DIR
 
-Writes OUT_DIR/{train,val,test}/<class>/<index>.png, OUT_DIR/{train,val,test}.csv
-(`path,label,class_name`, path relative to OUT_DIR), classes.json and normalization.json
-(the train split's per-channel mean and std). The pickles are untrusted: they are read by
-a restricted unpickler that admits only the numpy globals a CIFAR batch needs, then checked.
+Writes OUT_DIR/{train,val,test}/<class>/<index>.png, OUT_DIR/{train,val,test}.csv, and
+classes.json and normalization.json, as stages/folder.py lays the folder out. The pickles are
+untrusted: they are read by a restricted unpickler that admits only the numpy globals a CIFAR
+batch needs, then checked.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
 from stages.outputs import StageError, atomic_dir, stage_main
 from stages.params import PreprocessParams, load_params
 
@@ -177,7 +178,7 @@ def write_images(splits: list[Split], classes: list[str], root: Path, workers: i
 def write_csv(path: Path, paths: list[str], labels: np.ndarray, classes: list[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "class_name"])
+        writer.writerow(CSV_HEADER)
         for rel, label in zip(paths, labels.tolist()):
             writer.writerow([rel, label, classes[label]])
 
@@ -207,9 +208,9 @@ def preprocess(batches: Path, out: Path, params: PreprocessParams) -> None:
     splits, classes = build_splits(batches, params.val_fraction, params.seed)
     with atomic_dir(out) as tmp:
         write_images(splits, classes, tmp, params.workers)
-        (tmp / "classes.json").write_text(json.dumps(classes) + "\n")
+        (tmp / CLASSES_FILE).write_text(json.dumps(classes) + "\n")
         stats = channel_stats(splits[0].rows)
-        (tmp / "normalization.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (tmp / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     counts = ", ".join(f"{s.name} {len(s.labels)}" for s in splits)
     print(f"preprocess: wrote {counts} images and CSVs to {out}")
 

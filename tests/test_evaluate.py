@@ -25,7 +25,8 @@ def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_pat
     stats = json.loads((image_folder / "normalization.json").read_text())
     for name, arch in (("train", "lenet"), ("finetune", "airbench")):
         save_model(build_model(arch, 10), tmp_path / "models" / name,
-                   {"arch": arch, "classes": CLASSES, "normalization": stats, "params": {}})
+                   {"arch": arch, "classes": CLASSES, "normalization": stats, "input_size": [32, 32],
+                    "params": {}})
     evaluate(image_folder, tmp_path / "metrics", tmp_path / "plots",
              [tmp_path / "models" / "train", tmp_path / "models" / "finetune"],
              EvaluateParams(batch_size=7, device="cpu", amp=False, misclassified=5))

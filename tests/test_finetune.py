@@ -119,7 +119,8 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
 
 def test_the_architecture_comes_from_the_model_json_beside_the_init_file(tmp_path: Path) -> None:
     saved = tmp_path / "models" / "train"
-    save_model(build_model("lenet", 10), saved, {"arch": "lenet", "classes": [str(i) for i in range(10)]})
+    save_model(build_model("lenet", 10), saved, {"arch": "lenet", "classes": [str(i) for i in range(10)],
+                                                 "input_size": [32, 32]})
     assert init_arch(saved / "model.pt", None) == "lenet"
     assert init_arch(saved / "model.pt", "lenet") == "lenet"
     with pytest.raises(StageError, match=r"finetune.arch is 'resnet18' but .*model.json says .* 'lenet'"):

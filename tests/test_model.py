@@ -40,12 +40,17 @@ def test_whitening_makes_patch_covariance_near_identity() -> None:
 
 def test_saved_model_reloads_with_weights_only(tmp_path) -> None:
     model = build_model("lenet", 3)
-    sidecar = {"arch": "lenet", "classes": ["a", "b", "c"], "normalization": {}, "params": {}}
+    sidecar = {"arch": "lenet", "classes": ["a", "b", "c"], "normalization": {}, "input_size": [32, 32],
+               "params": {}}
     save_model(model, tmp_path / "m", sidecar)
     loaded, meta = load_trained(tmp_path / "m")
     assert meta == sidecar
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    (tmp_path / "m" / "model.json").write_text('{"arch": "lenet", "classes": ["a"]}')
+    (tmp_path / "m" / "model.json").write_text('{"arch": "lenet", "classes": ["a"], "input_size": [32, 32]}')
     with pytest.raises(StageError, match="cannot load it as a lenet state_dict for 1 classes"):
         load_trained(tmp_path / "m")
+    for size in ("", ', "input_size": [32]'):  # the input size is the sidecar's, never assumed
+        (tmp_path / "m" / "model.json").write_text('{"arch": "lenet", "classes": ["a", "b", "c"]%s}' % size)
+        with pytest.raises(StageError, match="model.json: cannot read the model's sidecar"):
+            load_trained(tmp_path / "m")

@@ -59,7 +59,9 @@ def test_train_stage_is_deterministic_on_cpu(tmp_path: Path, image_folder: Path)
     assert curves[0] == "step\taccuracy" and len(curves) == 3
     for name in ("lr", "epoch_seconds", "images_per_second"):  # live progress, per epoch
         assert len((cwd / f"dvclive/a/plots/metrics/{name}.tsv").read_text().splitlines()) == 3
-    assert json.loads((cwd / "dvclive/a/metrics.json").read_text())["step"] == 1  # the last epoch
+    # DVCLive's step counts epochs from 1: the x axis of the epoch plots
+    assert [line.split("\t")[0] for line in curves[1:]] == ["1", "2"]
+    assert json.loads((cwd / "dvclive/a/metrics.json").read_text())["step"] == 2  # the last epoch
 
 
 @pytest.mark.slow
