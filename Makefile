@@ -49,9 +49,27 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.time_to_accuracy
 
-# Offline: rebuild the archive from ../shared/data and point params.yaml at it.
+# A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the overrides in
+# presets/<name>.yaml, checked against params.yaml, passed to `dvc exp run -S` (params.yaml
+# itself is left as it was). The README's Tutorials section lists them with measured results.
+tutorial-%: setup
+	args=$$($(PY) -m stages.params presets/$*.yaml) && dvc exp run -n $* $$args
+
+# Offline: point params.yaml's download section at the copies in ../shared/data.
+# DATASET=cifar10 (default) rebuilds the official-format archive from its JPEGs (outside the
+# repository); DATASET=mnist uses the four official .gz files as they are.
+DATASET ?= cifar10
+SHARED_DATA := $(abspath ../shared/data)
+POINT = sed -i -e "s|^  dataset: [^ ]*|  dataset: $(DATASET)|" -e "s|^  url: [^ ]*|  url: $(1)|" \
+	-e "s|^  md5: [^ ]*|  md5: $(2)|" params.yaml && grep -E '^  (dataset|url|md5):' params.yaml
+
 local-data: setup
+ifeq ($(DATASET),cifar10)
 	test -f $(LOCAL_ARCHIVE) || $(PY) ../shared/tools/make_cifar_tarball.py --out $(LOCAL_ARCHIVE)
-	md5=$$(md5sum $(LOCAL_ARCHIVE) | cut -d' ' -f1) && \
-	sed -i -e "s|^  url: .*|  url: file://$(LOCAL_ARCHIVE)|" -e "s|^  md5: .*|  md5: $$md5|" params.yaml
-	grep -E '^  (url|md5):' params.yaml
+	md5=$$(md5sum $(LOCAL_ARCHIVE) | cut -d' ' -f1) && $(call POINT,file://$(LOCAL_ARCHIVE),$$md5)
+else ifeq ($(DATASET),mnist)
+	md5="{$$(cd $(SHARED_DATA)/mnist && md5sum *-ubyte.gz | awk '{printf "%s%s: %s", s, $$2, $$1; s=", "}')}" && \
+	$(call POINT,file://$(SHARED_DATA)/mnist/,$$md5)
+else
+	@echo "make local-data: no local copy of DATASET=$(DATASET) in ../shared/data (cifar10, mnist)"; exit 1
+endif

@@ -113,6 +113,9 @@ def yaml_scalar(text: str) -> object:
         return None
     if text[:1] in "\"'" and text[-1:] == text[:1] and len(text) > 1:
         return text[1:-1]
+    if text[:1] == "{" and text[-1:] == "}":  # a one-line flow mapping of plain scalars
+        items = [item.partition(":") for item in text[1:-1].split(",") if item.strip()]
+        return {key.strip(): yaml_scalar(value.strip()) for key, _, value in items}
     for kind in (int, float):
         try:
             return kind(text) if kind is int or "." in text else text

@@ -44,7 +44,7 @@ def make_step(params: TrainParams, device: torch.device, config: Config,
     """The loop's training step (forward, label-smoothed loss, backward, SGD) on random data."""
     layout, dtype = LAYOUTS[config.layout], precisions(device)[config.precision]
     torch.manual_seed(0)
-    model = build_model(params.arch, 10).to(device, memory_format=layout).train()
+    model = build_model(params.arch, 10, (3, 32, 32)).to(device, memory_format=layout).train()
     optimizer = make_optimizer(params, scratch_groups(model, params))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=layout)

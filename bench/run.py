@@ -88,7 +88,7 @@ def tutorial_throughput(images_dir: Path) -> float:
     dataset = CsvImageDataset(images_dir / "train.csv", images_dir, transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2)
     torch.manual_seed(0)
-    model = build_model("lenet", 10)
+    model = build_model("lenet", 10, (3, 32, 32))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss()
     start, seen = time.perf_counter(), 0
@@ -111,8 +111,8 @@ def pipeline_throughput(images_dir: Path) -> float:
     images = normalize(images, stats["mean"], stats["std"]).contiguous(memory_format=torch.channels_last)
     loader = BatchLoader(images, labels, params.batch_size, crop_padding=params.crop_padding,
                          flip=params.flip, shuffle=True, drop_last=True, seed=0)
-    model = build_model("lenet", len(classes)).to(memory_format=torch.channels_last)
-    groups = param_groups(model, model.HEAD, params.lr, params.lr, 0.0, 1.0, 0, 0)
+    model = build_model("lenet", len(classes), tuple(images.shape[1:])).to(memory_format=torch.channels_last)
+    groups = param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0)
     cpu = torch.device("cpu")
     training = Training(model, groups, params, loader, cpu, pick_precision(cpu, params.amp))
     seconds, _ = timed(training.run_epoch)

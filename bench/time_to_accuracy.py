@@ -47,9 +47,9 @@ def train_once(images_dir: Path, seed: int, overrides: dict[str, object], work: 
 
 def test_accuracies(images_dir: Path, model_dir: Path) -> dict[str, float]:
     """Test accuracy at every TTA level, from one shared pass."""
-    model, sidecar = load_trained(model_dir)
+    model, card = load_trained(model_dir)
     images, labels = decode_split(images_dir / "test.csv", images_dir, len(read_classes(images_dir)))
-    images = normalize(images, sidecar["normalization"]["mean"], sidecar["normalization"]["std"])
+    images = normalize(images, card.normalization["mean"], card.normalization["std"])
     cpu = torch.device("cpu")
     levels = predict_levels(model, images, 1000, list(TTA_WEIGHTS), pick_precision(cpu, "auto").dtype)
     return {level: loss_and_accuracy(logits, labels)[1] for level, logits in levels.items()}

@@ -27,6 +27,7 @@ from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
 from stages.outputs import StageError
 
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
+MODES = {1: "L", 3: "RGB"}  # PIL's mode for each channel count the folder may hold
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,24 @@ def read_classes(root: Path) -> list[str]:
 
 
 def read_normalization(root: Path) -> dict[str, list[float]]:
+    """Per-channel mean and std: their length is the folder's channel count (1 or 3)."""
     path = root / NORMALIZATION_FILE
     try:
         stats = json.loads(path.read_text())
-        ok = all(len(stats[k]) == 3 and all(isinstance(v, float) for v in stats[k]) for k in ("mean", "std"))
+        channels = len(stats["mean"])
+        ok = channels in MODES and all(
+            len(stats[k]) == channels and all(isinstance(v, float) for v in stats[k])
+            for k in ("mean", "std"))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise StageError(f"{path}: cannot read normalization ({err}); run `dvc repro preprocess`") from None
     if not ok or min(stats["std"]) <= 0:
-        raise StageError(f"{path}: expected mean and std, 3 floats each, std > 0; found {stats}")
+        raise StageError(f"{path}: expected mean and std, 1 or 3 floats each (one per channel), "
+                         f"std > 0; found {stats}")
     return {"mean": stats["mean"], "std": stats["std"]}
+
+
+def folder_channels(root: Path) -> int:
+    return len(read_normalization(root)["mean"])
 
 
 def read_annotations(csv_path: Path, root: Path, num_classes: int) -> Annotations:
@@ -116,18 +126,26 @@ def _check_row(row: list[str], resolve: _Resolver, num_classes: int, where: str)
     return path, int(label_text)
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
-    """Open an image as RGB, checking its size when `size` (width, height) is given."""
+def load_image(path: Path, size: tuple[int, int] | None = None, channels: int = 3) -> Image.Image:
+    """Open an image as RGB (3 channels) or grayscale (1), checking its size when `size`
+    (width, height) is given."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            converted = image.convert(MODES[channels])
     except FileNotFoundError:
         raise StageError(f"{path}: image listed in the CSV does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise StageError(f"{path}: not a readable image ({err})") from None
-    if size is not None and rgb.size != size:
-        raise StageError(f"{path}: image is {rgb.size[0]}x{rgb.size[1]}, expected {size[0]}x{size[1]}")
-    return rgb
+    if size is not None and converted.size != size:
+        raise StageError(f"{path}: image is {converted.size[0]}x{converted.size[1]}, expected "
+                         f"{size[0]}x{size[1]}")
+    return converted
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """uint8 H x W x C, also for a grayscale image (C = 1)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
 
 
 class CsvImageDataset(torch.utils.data.Dataset):
@@ -136,6 +154,7 @@ class CsvImageDataset(torch.utils.data.Dataset):
     def __init__(self, csv_path: Path, root: Path, transform: Callable | None = None,
                  num_classes: int | None = None) -> None:
         self.root = Path(root)
+        self.channels = folder_channels(self.root)
         self.classes = read_classes(self.root) if num_classes is None else None
         count = len(self.classes) if self.classes is not None else num_classes
         self.annotations = read_annotations(Path(csv_path), self.root, count)
@@ -145,30 +164,32 @@ class CsvImageDataset(torch.utils.data.Dataset):
         return len(self.annotations.labels)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
-        image = load_image(self.annotations.paths[index])
+        image = load_image(self.annotations.paths[index], channels=self.channels)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.annotations.labels[index]
 
 
-def _decode_chunk(task: tuple[list[Path], tuple[int, int]]) -> np.ndarray:
-    """Decode a list of images to one uint8 N x H x W x 3 array (runs in a worker process)."""
-    paths, size = task
-    return np.stack([np.asarray(load_image(path, size), dtype=np.uint8) for path in paths])
+def _decode_chunk(task: tuple[list[Path], tuple[int, int], int]) -> np.ndarray:
+    """Decode a list of images to one uint8 N x H x W x C array (runs in a worker process)."""
+    paths, size, channels = task
+    return np.stack([image_array(load_image(path, size, channels)) for path in paths])
 
 
 def decode_split(csv_path: Path, root: Path, num_classes: int,
                  workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every image of a split once: (uint8 N x 3 x H x W, int64 labels N).
+    """Decode every image of a split once: (uint8 N x C x H x W, int64 labels N), C the
+    folder's channel count.
 
     Processes, not threads: a 32x32 PNG decodes in ~0.1 ms, too short for PIL's release of the
     GIL to pay; on 2 cores two threads ran at half the speed of one. All images must share
     the first image's size.
     """
     annotations = read_annotations(csv_path, root, num_classes)
-    size = load_image(annotations.paths[0]).size
+    channels = folder_channels(root)
+    size = load_image(annotations.paths[0], channels=channels).size
     paths = annotations.paths
-    tasks = [(paths[i:i + DECODE_CHUNK], size) for i in range(0, len(paths), DECODE_CHUNK)]
+    tasks = [(paths[i:i + DECODE_CHUNK], size, channels) for i in range(0, len(paths), DECODE_CHUNK)]
     with contextlib.ExitStack() as stack:
         chunks = map(_decode_chunk, tasks)
         if workers > 1 and len(tasks) > 1:
@@ -185,9 +206,9 @@ def decode_split(csv_path: Path, root: Path, num_classes: int,
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float32, standardized per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    """uint8 N x C x H x W -> float32, standardized per channel."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 
@@ -207,13 +228,17 @@ class BatchLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  crop_padding: int, flip: bool, shuffle: bool, drop_last: bool, seed: int,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), balanced: bool = False) -> None:
         self.images, self.labels = images, labels
         # (rank, world): every rank draws the same global batches (same seed) and keeps its
         # strided share, so the union over ranks is exactly the single-process batch.
         self.rank, self.world = shard
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.crop_padding, self.flip = crop_padding, flip
+        # balanced: each epoch draws len(labels) images with replacement, each with probability
+        # 1 / (its class's count), so every class is drawn equally often (WeightedRandomSampler's
+        # idea, as one multinomial draw: no per-sample Python)
+        self.draw_weights = class_balance(labels)[labels].cpu() if balanced else None
         # CPU generator: its stream is the same on every device, so runs reproduce anywhere.
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -236,7 +261,10 @@ class BatchLoader:
         if self.crop_padding:
             shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
             shifts = shifts.to(self.images.device)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.draw_weights is not None:
+            order = torch.multinomial(self.draw_weights, n, replacement=True, generator=self.generator)
+        else:
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
         mirror = self.flip and self.epoch % 2 == 1
         self.epoch += 1
@@ -252,6 +280,14 @@ class BatchLoader:
         else:
             images = self.windows[index, :, shifts[index, 0], shifts[index, 1]]
         return images.flip(-1) if mirror else images
+
+
+def class_balance(labels: torch.Tensor) -> torch.Tensor:
+    """Per class: n / (classes present x its count), scikit-learn's "balanced" weights; 1 for
+    every class when they are equally frequent. Indexed by label (absent classes: unused)."""
+    counts = torch.bincount(labels.cpu())
+    present = int((counts > 0).sum())
+    return (len(labels) / (present * counts.clamp_min(1).double())).float().to(labels.device)
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:

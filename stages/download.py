@@ -1,10 +1,14 @@
-"""download: params download.url/md5 -> data/raw/cifar-10-python.tar.gz (md5-verified).
+"""download: params download.* -> data/raw/<dataset>/ (the data set's files, md5-verified).
 
-usage: python -m stages.download OUT_TARBALL
+usage: python -m stages.download OUT_DIR
 
-HTTP(S) downloads stream to OUT.part with timeouts, bounded retries with back-off and
-Range resume; a file:// URL or a plain local path (an offline mirror) is copied the same way.
-The md5 is checked before the .part file is renamed into place.
+`download.dataset` names the data set (stages/datasets.py); `download.url` null means its
+official location, else a mirror: the tarball (CIFAR) or the folder holding the four .gz files
+(MNIST-style), as an http(s):// or file:// URL or a plain path. `download.md5` null means the
+official checksums; a mirror with other bytes gives its own (a {file: md5} mapping for IDX).
+HTTP(S) downloads stream to OUT_DIR-<file>.part beside OUT_DIR with timeouts, bounded retries
+with back-off and Range resume; local files are copied the same way. Every md5 is checked
+before OUT_DIR appears, complete, in one rename.
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.outputs import StageError, stage_main, storage_errors
+from stages.datasets import DATASETS
+from stages.outputs import StageError, atomic_dir, stage_main, storage_errors
 from stages.params import DownloadParams, load_params
 
 CHUNK = 1 << 20
 BACKOFF_SECONDS = 1.0  # first wait between attempts; doubles each time, at most 30 s
-OFFLINE_HINT = ("if this machine is offline, build or copy the archive locally and point "
-                "download.url at it (a file:// URL or a plain path) with its md5 in download.md5; "
-                "see the README's 'Offline data' section")
+OFFLINE_HINT = ("if this machine is offline, copy the data set's files locally and point "
+                "download.url at them (a file:// URL or a plain path) with their md5 in "
+                "download.md5; see the README's 'Offline data' section")
 
 
 class RetryableError(Exception):
@@ -125,14 +130,30 @@ def fetch(url: str, part: Path, timeout: float, retries: int) -> None:
             time.sleep(wait)
 
 
-def download(params: DownloadParams, out: Path) -> None:
-    """Fetch or copy the archive to `out`, verified by md5; on failure no `out` exists."""
-    part = out.with_name(out.name + ".part")
-    out.unlink(missing_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = local_source(params.url)
+def sources(params: DownloadParams) -> list[tuple[str, str, str]]:
+    """(url, file name, md5) of every file the data set needs, from params and datasets.py."""
+    dataset = DATASETS[params.dataset]
+    location = params.url or dataset.url
+    md5 = params.md5 or dataset.md5
+    if dataset.format == "cifar":
+        if isinstance(md5, dict):
+            raise StageError(f"download.md5: {params.dataset} is one tarball; give its md5 as a "
+                             f"string, not a mapping ({md5})")
+        [(name, official)] = dataset.md5.items()
+        return [(location, name, md5 if params.md5 else official)]
+    if not isinstance(md5, dict) or set(md5) != set(dataset.md5):
+        raise StageError(f"download.md5: {params.dataset} is four files; give a mapping of "
+                         f"{sorted(dataset.md5)} to their md5s (or null for the official ones), "
+                         f"found {md5!r}")
+    folder = location if location.endswith("/") else location + "/"
+    return [(folder + name, name, md5[name]) for name in dataset.md5]
+
+
+def fetch_verified(url: str, part: Path, md5: str, params: DownloadParams) -> None:
+    """`url` into `part`, checked against `md5`; a failed check deletes `part`."""
+    source = local_source(url)
     if source is None:
-        fetch(params.url, part, params.timeout, params.retries)  # a failed .part stays, to resume
+        fetch(url, part, params.timeout, params.retries)  # a failed .part stays, to resume
     else:
         part.unlink(missing_ok=True)
         try:
@@ -141,12 +162,28 @@ def download(params: DownloadParams, out: Path) -> None:
             part.unlink(missing_ok=True)  # a local copy is cheap to redo: keep no half file
             raise
     got = md5_of(part)
-    if got != params.md5:
+    if got != md5:
         part.unlink()
-        raise StageError(f"{params.url}: md5 {got} does not match download.md5 {params.md5}; "
-                         "the file is corrupt, truncated or a different archive: fix the source "
-                         "or download.md5, then run `dvc repro download`")
-    shutil.move(part, out)
+        raise StageError(f"{url}: md5 {got} does not match download.md5 {md5} (the official "
+                         "checksum when download.md5 is null); the file is corrupt, truncated or "
+                         "a different one: fix the source or download.md5, then run "
+                         "`dvc repro download`")
+
+
+def download(params: DownloadParams, out: Path) -> None:
+    """Fetch or copy the data set's files into `out`, each verified by md5; on failure no
+    `out` exists (HTTP .part files stay beside it, to resume)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = sources(params)
+    parts = [out.with_name(f"{out.name}-{name}.part") for _, name, _ in files]
+    for (url, _, md5), part in zip(files, parts):
+        fetch_verified(url, part, md5, params)
+    with atomic_dir(out) as tmp:
+        for (_, name, _), part in zip(files, parts):
+            shutil.move(part, tmp / name)
+    print(f"download: {params.dataset}, {len(files)} file(s) verified into {out}")
 
 
 @stage_main

@@ -108,11 +108,11 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
     results: dict[str, dict] = {}
     with atomic_dir(plots_dir) as plots_tmp:
         for model_dir in model_dirs:
-            model, sidecar = load_trained(model_dir)
-            if sidecar["classes"] != classes:
-                raise StageError(f"{model_dir}/model.json: classes {sidecar['classes']} differ from "
+            model, card = load_trained(model_dir)
+            if card.classes != classes:
+                raise StageError(f"{model_dir}/model.json: classes {card.classes} differ from "
                                  f"{images_dir / CLASSES_FILE} {classes}")
-            stats = sidecar["normalization"]
+            stats = card.normalization
             images = normalize(device_images, stats["mean"], stats["std"])
             model = model.to(device, memory_format=torch.channels_last)
             metrics, confusion, predictions = score(model, images, device_labels, classes,

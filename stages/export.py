@@ -4,7 +4,8 @@ usage: python -m stages.export MODEL_DIR OUT_DIR
 
 A torch.export program that runs without this project's code:
 `torch.export.load("model.pt2").module()(images)` maps float images in [0, 1]
-(N x 3 x H x W, any N) to logits; the normalization is inside the graph.
+(N x C x H x W, any N; C and H x W as the model was trained) to logits; the
+normalization is inside the graph. MODEL_DIR may also be given as its model.pt.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.model import load_trained
+from stages.model import load_trained, model_dir_of
 from stages.outputs import atomic_dir, stage_main
 
 
@@ -25,32 +26,31 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images - self.mean) / self.std)
 
 
 def export(model_dir: Path, out: Path) -> None:
-    model, sidecar = load_trained(model_dir)
-    stats = sidecar["normalization"]
+    model, card = load_trained(model_dir)
+    stats = card.normalization
     wrapped = Normalized(model, stats["mean"], stats["std"]).eval()
-    height, width = sidecar["input_size"]
-    example = torch.rand(2, 3, height, width)
+    example = torch.rand(2, *card.shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))
     with atomic_dir(out) as tmp:
         torch.export.save(program, tmp / "model.pt2")
-        (tmp / "classes.json").write_text(json.dumps(sidecar["classes"]) + "\n")
-    print(f"export: wrote {out / 'model.pt2'} ({sidecar['arch']}, {len(sidecar['classes'])} classes)")
+        (tmp / "classes.json").write_text(json.dumps(card.classes) + "\n")
+    print(f"export: wrote {out / 'model.pt2'} ({card.arch}, {len(card.classes)} classes)")
 
 
 @stage_main
 def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    export(Path(sys.argv[1]), Path(sys.argv[2]))
+    export(model_dir_of(Path(sys.argv[1])), Path(sys.argv[2]))
 
 
 if __name__ == "__main__":

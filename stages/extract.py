@@ -1,52 +1,57 @@
-"""extract: data/raw/cifar-10-python.tar.gz -> data/extracted/cifar-10-batches-py/
+"""extract: data/raw/<dataset>/ -> data/extracted/<dataset>/
 
-usage: python -m stages.extract TARBALL OUT_DIR
+usage: python -m stages.extract RAW_DIR OUT_DIR
 
-The archive is untrusted: every member is checked against the expected manifest (regular
-files only, no links or devices, no absolute or `..` paths, no duplicates) before anything is
-written, then each is copied out by hand, never with extractall, into a temporary directory
-that is renamed into place.
+The files are untrusted. A CIFAR tarball: every member is checked against the data set's
+manifest (regular files only, no links or devices, no absolute or `..` paths, no duplicates)
+before anything is written, then each is copied out by hand, never with extractall. IDX .gz
+files (MNIST-style): each is inflated by streaming, and refused as soon as it yields more bytes
+than its own IDX header declares, so a gzip bomb fills neither memory nor disk. Everything goes
+into a temporary directory that is renamed into place.
 """
 from __future__ import annotations
 
 import gzip
+import math
 import sys
 import tarfile
 import zlib
 from pathlib import Path
 
+from stages.datasets import DATASETS, Dataset, read_idx_header
 from stages.outputs import StageError, atomic_dir, stage_main
+from stages.params import load_params
 
-BASE_FOLDER = "cifar-10-batches-py"
-REQUIRED = frozenset([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"])
-OPTIONAL = frozenset(["readme.html"])
-MAX_MEMBER_BYTES = 200 << 20  # a real batch is 31 MB; refuse anything absurd before reading it
+MAX_MEMBER_BYTES = 400 << 20  # CIFAR-100's train is 155 MB; refuse anything absurd before reading
 CHUNK = 1 << 20
 
 
-def check_members(members: list[tarfile.TarInfo], tarball: Path) -> dict[str, tarfile.TarInfo]:
+def check_members(members: list[tarfile.TarInfo], tarball: Path,
+                  dataset: Dataset) -> dict[str, tarfile.TarInfo]:
     """Map file name -> member after checking the listing; raise StageError naming the member."""
+    base, required = dataset.folder, frozenset(dataset.members)
+    allowed = required | frozenset(dataset.optional)
     files: dict[str, tarfile.TarInfo] = {}
     for member in members:
         name = member.name
-        if member.isdir() and name.rstrip("/") == BASE_FOLDER:
+        if member.isdir() and name.rstrip("/") == base:
             continue
         where = f"{tarball}: member {name!r}"
         if not member.isfile():
             raise StageError(f"{where} is a {_kind(member)}; only regular files are expected. "
-                             "The archive is not the CIFAR-10 python version: delete it and "
+                             f"The archive is not {dataset.name}'s python version: delete it and "
                              "run `dvc repro download`")
         parts = name.split("/")
-        if name.startswith("/") or ".." in parts or len(parts) != 2 or parts[0] != BASE_FOLDER:
-            raise StageError(f"{where} is outside {BASE_FOLDER}/; expected {BASE_FOLDER}/<file>")
-        if parts[1] not in REQUIRED | OPTIONAL:
-            raise StageError(f"{where} is unexpected; expected only {sorted(REQUIRED | OPTIONAL)}")
+        if name.startswith("/") or ".." in parts or len(parts) != 2 or parts[0] != base:
+            raise StageError(f"{where} is outside {base}/; expected {base}/<file>")
+        if parts[1] not in allowed:
+            raise StageError(f"{where} is unexpected; expected only {sorted(allowed)}")
         if parts[1] in files:
             raise StageError(f"{where} appears twice")
         if member.size > MAX_MEMBER_BYTES:
             raise StageError(f"{where} declares {member.size} bytes, more than {MAX_MEMBER_BYTES}")
         files[parts[1]] = member
-    missing = sorted(REQUIRED - set(files))
+    missing = sorted(required - set(files))
     if missing:
         raise StageError(f"{tarball}: missing member(s) {missing}; delete the archive and run "
                          "`dvc repro download`")
@@ -84,27 +89,60 @@ def check_gzip(tarball: Path) -> None:
             pass
 
 
-def extract(tarball: Path, out: Path) -> None:
-    """Extract the checked members of `tarball` into `out`, atomically."""
-    if not tarball.is_file():
-        raise StageError(f"{tarball}: not found; run `dvc repro download` first")
+def extract_tarball(tarball: Path, out: Path, dataset: Dataset) -> None:
+    """The checked members of a CIFAR tarball into `out`."""
     try:
         check_gzip(tarball)
         with tarfile.open(tarball, "r:gz") as archive:
-            files = check_members(archive.getmembers(), tarball)
-            with atomic_dir(out) as tmp:
-                for name, member in sorted(files.items()):
-                    copy_member(archive, member, tmp / name)
+            files = check_members(archive.getmembers(), tarball, dataset)
+            for name, member in sorted(files.items()):
+                copy_member(archive, member, out / name)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise StageError(f"{tarball}: not a readable .tar.gz ({type(err).__name__}: {err}); "
                          "it is truncated or corrupt: delete it and run `dvc repro download`") from None
+
+
+def inflate_idx(source: Path, dest: Path) -> None:
+    """Inflate one IDX .gz, never past the size its header declares."""
+    try:
+        with gzip.open(source, "rb") as stream, open(dest, "xb") as out:
+            dims, header = read_idx_header(stream, source)
+            out.write(header)
+            left = math.prod(dims)
+            while left > 0 and (block := stream.read(min(CHUNK, left))):
+                out.write(block)
+                left -= len(block)
+            if left:
+                raise StageError(f"{source}: ends {left} bytes short of the {dims} its header "
+                                 "declares; delete it and run `dvc repro download`")
+            if stream.read(1):
+                raise StageError(f"{source}: inflates past the {len(header) + math.prod(dims)} "
+                                 f"bytes its header declares ({dims}); refused before reading more")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise StageError(f"{source}: not a readable .gz ({type(err).__name__}: {err}); it is "
+                         "truncated or corrupt: delete it and run `dvc repro download`") from None
+
+
+def extract(raw: Path, out: Path, dataset: Dataset) -> None:
+    """The data set's files in `raw` into `out`, atomically."""
+    missing = [name for name in dataset.md5 if not (raw / name).is_file()]
+    if missing:
+        raise StageError(f"{raw}: missing {missing} of {dataset.name}; run `dvc repro download` first")
+    with atomic_dir(out) as tmp:
+        if dataset.format == "cifar":
+            extract_tarball(raw / next(iter(dataset.md5)), tmp, dataset)
+        else:
+            for name in dataset.md5:
+                inflate_idx(raw / name, tmp / name.removesuffix(".gz"))
+    print(f"extract: {dataset.name} into {out}")
 
 
 @stage_main
 def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    extract(Path(sys.argv[1]), Path(sys.argv[2]))
+    dataset = DATASETS[load_params().download.dataset]
+    extract(Path(sys.argv[1]), Path(sys.argv[2]), dataset)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from stages.data import load_data
 from stages.devices import Precision, Ranks, Stopwatch
 from stages.loop import param_groups
-from stages.model import build_model, load_weights
+from stages.model import Architecture, ModelCard, build_model, load_weights
 from stages.outputs import StageError, stage_main
 from stages.params import FinetuneParams, TrainParams, load_params
 from stages.run import Outputs, run_stage, train_and_save
@@ -51,10 +49,10 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
-def match_weights(model: nn.Module, loaded: dict[str, torch.Tensor], path: Path) -> dict[str, list[str]]:
+def match_weights(model: Architecture, loaded: dict[str, torch.Tensor], path: Path) -> dict[str, list[str]]:
     """Copy every backbone tensor from `loaded` into `model`; only the head and, when its
     shape differs, the stem may stay freshly initialised. Returns the report."""
-    head, stems = model.HEAD, getattr(model, "STEM", ())
+    head, stems = model.HEAD, model.STEM
     own = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "skipped": [], "reinitialised": []}
     for key, target in own.items():
@@ -87,11 +85,7 @@ def init_arch(init: Path, arch: str | None) -> str:
             raise StageError(f"finetune.init: {init} has no model.json beside it to name its "
                              "architecture; set finetune.arch to the one it was saved from")
         return arch
-    try:
-        saved = json.loads(sidecar.read_text())["arch"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise StageError(f"{sidecar}: cannot read the arch of {init} ({err}); rerun the stage "
-                         "that wrote it") from None
+    saved = ModelCard.read(init.parent).arch
     if arch is not None and arch != saved:
         raise StageError(f"finetune.arch is {arch!r} but {sidecar} says {init} is a {saved!r}; set "
                          "finetune.arch to null (it is read from model.json)")
@@ -109,14 +103,14 @@ def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.dev
     init = Path(tune.init)
     loaded = read_state_dict(init)
     data = load_data(images_dir, device, params.workers)
-    model = build_model(params.arch, len(data.classes))
+    model = build_model(params.arch, len(data.classes), tuple(data.train_images.shape[1:]))
     report = match_weights(model, loaded, init)
     if ranks.main:
         print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
               f"{report['reinitialised']}, skipped {report['skipped']}")
     model = model.to(device, memory_format=torch.channels_last)
-    groups = param_groups(model, model.HEAD, tune.lr, tune.head_lr, params.weight_decay,
-                          params.bias_lr_scale, freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
+    groups = param_groups(model, tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
+                          freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
     recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
                 "freeze_epochs": tune.freeze_epochs}
     counts = {f"init_keys_{k}": len(v) for k, v in report.items()}

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import BatchLoader
+from stages.data import BatchLoader, class_balance
 from stages.devices import Precision, Ranks, Stopwatch, all_sum, wrap
-from stages.model import FrozenScaleBatchNorm, load_weights, torch_bytes
+from stages.model import Architecture, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
 from stages.params import TTA_LEVELS, TrainParams
 
@@ -55,44 +55,34 @@ class Group:
         return epoch >= self.start and (self.stop is None or epoch < self.stop)
 
 
-def param_groups(model: nn.Module, head: str, lr: float, head_lr: float, weight_decay: float,
+def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: float,
                  bias_lr_scale: float, freeze_epochs: int, whiten_bias_epochs: int) -> list[Group]:
-    """Split trainable parameters into head, frozen-scale BatchNorm biases, whitening bias, rest.
+    """Group the trainable parameters by the role the architecture gives each (model.py).
 
-    The frozen-scale BN biases train at lr * bias_lr_scale (airbench: 64); their weight decay
-    is divided by the same factor so that the per-step decay lr * wd stays that of the rest.
-    The backbone waits `freeze_epochs` (finetune), the whitening bias stops after
-    `whiten_bias_epochs` (airbench).
+    "norm_bias" (airbench's frozen-scale BatchNorm biases) trains at lr * bias_lr_scale (64
+    there), its weight decay divided by the same factor so that the per-step decay lr * wd
+    stays that of the rest; "stem_bias" likewise, and only until `whiten_bias_epochs`. The
+    backbone waits `freeze_epochs` (finetune).
     """
-    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, FrozenScaleBatchNorm)}
-    buckets: dict[str, list[nn.Parameter]] = {"head": [], "norm_bias": [], "whiten_bias": [], "backbone": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith(head):
-            buckets["head"].append(param)
-        elif id(param) in norm_biases:
-            buckets["norm_bias"].append(param)
-        elif name == "whiten.bias":
-            buckets["whiten_bias"].append(param)
-        else:
-            buckets["backbone"].append(param)
+    buckets: dict[str, list[nn.Parameter]] = {"head": [], "norm_bias": [], "stem_bias": [], "backbone": []}
+    parameters = dict(model.named_parameters())
+    for name, role in model.roles().items():
+        buckets[role].append(parameters[name])
     groups = [
         Group("head", buckets["head"], head_lr, weight_decay),
         Group("norm_bias", buckets["norm_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
               start=freeze_epochs),
-        Group("whiten_bias", buckets["whiten_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
+        Group("stem_bias", buckets["stem_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
               start=freeze_epochs, stop=max(freeze_epochs, whiten_bias_epochs)),
         Group("backbone", buckets["backbone"], lr, weight_decay, start=freeze_epochs),
     ]
     return [g for g in groups if g.params]
 
 
-def scratch_groups(model: nn.Module, params: TrainParams) -> list[Group]:
+def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
     """The groups of a run from scratch: everything trains from the start at `lr`."""
-    return param_groups(model, model.HEAD, params.lr, params.lr, params.weight_decay,
-                        params.bias_lr_scale, freeze_epochs=0,
-                        whiten_bias_epochs=params.whiten_bias_epochs)
+    return param_groups(model, params.lr, params.lr, params.weight_decay, params.bias_lr_scale,
+                        freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs)
 
 
 def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -100,7 +90,25 @@ def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Ten
     """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller)."""
     return BatchLoader(images, labels, params.batch_size, crop_padding=params.crop_padding,
                        flip=params.flip, shuffle=True, drop_last=len(labels) >= params.batch_size,
-                       seed=seed, shard=(ranks.rank, ranks.world))
+                       seed=seed, shard=(ranks.rank, ranks.world),
+                       balanced=params.sampler == "balanced")
+
+
+def make_criterion(params: TrainParams, labels: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with label smoothing; with `class_weights: balanced` each sample weighs its
+    class's balanced weight (data.class_balance), the batch's mean taken over those weights as
+    CrossEntropyLoss(weight=...) does."""
+    weights = class_balance(labels) if params.class_weights == "balanced" else None
+
+    def criterion(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(logits, targets, label_smoothing=params.label_smoothing,
+                                 reduction="none")
+        if weights is None:
+            return losses.mean()
+        per_sample = weights[targets]
+        return (losses * per_sample).sum() / per_sample.sum()
+
+    return criterion
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
@@ -224,7 +232,7 @@ class Training:
         self.average: WeightAverage | None = None
         self.history: list[dict[str, float]] = []
         self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+        self.criterion = make_criterion(params, loader.labels)
 
     def set_lr(self) -> None:
         factor = lr_factor(self.params.schedule, self.step, self.total_steps, self.params.warmup)

@@ -1,10 +1,22 @@
-"""The architectures, by name: `airbench` (fast default), `lenet` (tutorial), `resnet18`.
+"""The architectures, by name (ARCHS), each built for the data's input shape (channels,
+height, width) and class count, and each declaring what training and finetuning need to know
+of it, so that the loop names no architecture:
 
-Each model names its classifier head in `HEAD` (a key prefix), which finetune re-initialises
-and trains at its own learning rate.
+- `HEAD`: the key prefix of its classifier head (finetune re-initialises it and trains it at
+  its own learning rate);
+- `STEM`: the keys of its first layer, re-initialised when a pretrained file's shape differs
+  (ImageNet's 7x7 RGB conv for a 3x3 one, or for 1-channel data);
+- `roles()`: each trainable parameter's role for the optimizer's groups ("head", "backbone",
+  and airbench's "norm_bias" and "stem_bias");
+- `prepare(images)`: data-dependent initialisation before training (airbench's whitening).
+
+Architectures: `airbench` (the fast default), `lenet` (the 60-minute blitz), `resnet18`
+(torchvision's, CIFAR stem), `mlp` (the quickstart's, for Fashion-MNIST) and `mnist_mlp` (the
+MNIST tutorial's, with dropout).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -16,22 +28,77 @@ import torchvision
 from torch import nn
 
 from stages.outputs import StageError, atomic_dir
+from stages.params import ARCH_NAMES
 
-ARCHS = ("airbench", "lenet", "resnet18")
 WHITENING_IMAGES = 5000  # airbench: enough patches for a stable 12x12 covariance
 
 
-class LeNet(nn.Module):
-    """The 60-minute-blitz network for 3x32x32 images."""
+class Architecture(nn.Module):
+    """What every architecture declares (see the module's docstring); the defaults fit a
+    plain network: a head, and a backbone of everything else."""
+
+    HEAD: str = ""
+    STEM: tuple[str, ...] = ()
+
+    def roles(self) -> dict[str, str]:
+        return {name: "head" if name.startswith(self.HEAD) else "backbone"
+                for name, param in self.named_parameters() if param.requires_grad}
+
+    def prepare(self, images: torch.Tensor) -> None:
+        """Nothing to fit to the data."""
+
+
+class QuickstartMLP(Architecture):
+    """The PyTorch quickstart's network: flatten, 512, ReLU, 512, ReLU, logits."""
+
+    HEAD = "linear_relu_stack.4."
+    STEM = ("linear_relu_stack.0.weight",)
+
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(channels * height * width, 512), nn.ReLU(),
+            nn.Linear(512, 512), nn.ReLU(),
+            nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_relu_stack(self.flatten(x))
+
+
+class MnistMLP(Architecture):
+    """The MNIST tutorial's network: flatten, 128, ReLU, dropout 0.2, logits."""
+
+    HEAD = "layers.4."
+    STEM = ("layers.1.weight",)
+
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * height * width, 128), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class LeNet(Architecture):
+    """The 60-minute blitz network (1x32x32 in the MNIST tutorial, 3x32x32 for CIFAR-10):
+    two 5x5 convs with 2x2 max-pools, then 120, 84, logits; the first linear layer's width
+    follows the input size."""
 
     HEAD = "fc3."
+    STEM = ("conv1.weight",)
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv1 = nn.Conv2d(channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        features = [((side - 4) // 2 - 4) // 2 for side in (height, width)]
+        if min(features) < 1:
+            raise ValueError(f"lenet needs images of at least 16x16, not {height}x{width}")
+        self.fc1 = nn.Linear(16 * features[0] * features[1], 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
@@ -42,19 +109,20 @@ class LeNet(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-class ResNet18(torchvision.models.ResNet):
-    """torchvision's ResNet-18 with a CIFAR stem (3x3 conv, stride 1, no max-pool).
+class ResNet18(torchvision.models.ResNet, Architecture):
+    """torchvision's ResNet-18 with a CIFAR stem (3x3 conv, stride 1, no max-pool) for any
+    channel count; its average pool is adaptive, so any size from 8x8 up works.
 
-    Key names are torchvision's, so ImageNet weights load by name; only `conv1` (7x7 there)
-    and `fc` (1000 classes there) differ in shape and are re-initialised when finetuning.
+    Key names are torchvision's, so ImageNet weights load by name; only `conv1` (7x7 and RGB
+    there) and `fc` (1000 classes there) differ in shape and are re-initialised when finetuning.
     """
 
     HEAD = "fc."
-    STEM = ("conv1.weight",)  # may be re-initialised when its shape differs (ImageNet's 7x7)
+    STEM = ("conv1.weight",)
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.maxpool = nn.Identity()
 
 
@@ -97,27 +165,48 @@ class ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
-class AirbenchNet(nn.Module):
+class AirbenchNet(Architecture):
     """airbench94's network: frozen patch-whitening stem, three conv groups (64/256/256),
-    global max-pool, a bias-free linear head scaled by 1/9 (keeps initial logits small)."""
+    global max-pool, a bias-free linear head scaled by 1/9 (keeps initial logits small).
+    Any channel count; any size from 16x16 up (the pool is adaptive: at 32x32, airbench's
+    MaxPool2d(3) over the final 3x3)."""
 
     HEAD = "head."
+    STEM = ("whiten.weight", "whiten.bias")
     WHITEN_KERNEL = 2
     WIDTHS = (64, 256, 256)
     LOGIT_SCALE = 1 / 9
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__()
+        if min(height, width) < 16:
+            raise ValueError(f"airbench needs images of at least 16x16, not {height}x{width}")
         # Twice the patch dimension: each whitening filter is kept with its negation so that
         # GELU after it loses no information.
-        whiten_width = 2 * 3 * self.WHITEN_KERNEL ** 2
-        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=self.WHITEN_KERNEL, padding=0, bias=True)
+        whiten_width = 2 * channels * self.WHITEN_KERNEL ** 2
+        self.whiten = nn.Conv2d(channels, whiten_width, kernel_size=self.WHITEN_KERNEL, padding=0,
+                                bias=True)
         self.whiten.weight.requires_grad_(False)
         nn.init.zeros_(self.whiten.bias)
         widths = (whiten_width, *self.WIDTHS)
         self.groups = nn.Sequential(*(ConvGroup(a, b) for a, b in zip(widths, widths[1:])))
-        self.pool = nn.MaxPool2d(3)
+        self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
+
+    def roles(self) -> dict[str, str]:
+        """The frozen-scale BatchNorms' biases train at a higher lr (loop.param_groups), the
+        whitening bias only for the first `whiten_bias_epochs`."""
+        norm_biases = {id(m.bias) for m in self.modules() if isinstance(m, FrozenScaleBatchNorm)}
+        roles = super().roles()
+        for name, param in self.named_parameters():
+            if id(param) in norm_biases:
+                roles[name] = "norm_bias"
+        roles["whiten.bias"] = "stem_bias"
+        return roles
+
+    def prepare(self, images: torch.Tensor) -> None:
+        """The whitening stem fitted to the first training images."""
+        init_whitening(self.whiten, images[:WHITENING_IMAGES])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.gelu(self.whiten(x))
@@ -143,23 +232,67 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
         conv.weight.copy_(torch.cat([filters, -filters]))
 
 
-def fresh_model(arch: str, num_classes: int, train_images: torch.Tensor) -> nn.Module:
-    """A model as training starts it, on the images' device in channels_last; airbench's
-    whitening stem fitted to the first training images."""
-    model = build_model(arch, num_classes).to(train_images.device, memory_format=torch.channels_last)
-    if isinstance(model, AirbenchNet):
-        init_whitening(model.whiten, train_images[:WHITENING_IMAGES])
+# One entry per name in params.ARCH_NAMES, in its order.
+ARCHS: dict[str, type[Architecture]] = dict(zip(ARCH_NAMES, (
+    AirbenchNet, LeNet, ResNet18, QuickstartMLP, MnistMLP), strict=True))
+
+
+def build_model(arch: str, num_classes: int, shape: tuple[int, int, int]) -> Architecture:
+    """`arch` for `num_classes` classes and inputs of `shape` (channels, height, width)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
+    return ARCHS[arch](num_classes, *shape)
+
+
+def fresh_model(arch: str, num_classes: int, train_images: torch.Tensor) -> Architecture:
+    """A model as training starts it, built for the training images' shape, on their device
+    in channels_last, and prepared on them (airbench fits its whitening stem)."""
+    model = build_model(arch, num_classes, tuple(train_images.shape[1:]))
+    model = model.to(train_images.device, memory_format=torch.channels_last)
+    model.prepare(train_images)
     return model
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    if arch == "airbench":
-        return AirbenchNet(num_classes)
-    if arch == "lenet":
-        return LeNet(num_classes)
-    if arch == "resnet18":
-        return ResNet18(num_classes)
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """model.json, the sidecar of every saved model.pt: what it is and how to feed it. Read and
+    written here only. The channel count is the normalization's length."""
+    arch: str
+    classes: list[str]
+    normalization: dict[str, list[float]]  # per-channel mean and std, in [0, 1] units
+    input_size: list[int]  # [height, width]
+    params: dict  # the stage's params, and what it recorded beside them
+    metrics: dict  # validation figures (no timings: the same weights make the same file)
+    hardware: dict  # device and precision it trained with
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.normalization["mean"]), *self.input_size)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelCard:
+        path = model_dir / "model.json"
+        try:
+            card = cls(**json.loads(path.read_text()))
+            card.check()
+        except (OSError, json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
+            raise StageError(f"{path}: cannot read the model's sidecar ({err}); rerun the stage "
+                             "that wrote it") from None
+        return card
+
+    def check(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {list(ARCHS)}")
+        if not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a list of names, found {self.classes}")
+        if len(self.input_size) != 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):
+            raise ValueError(f"input_size must be [height, width], found {self.input_size}")
+        mean, std = self.normalization["mean"], self.normalization["std"]
+        if len(mean) not in (1, 3) or len(std) != len(mean):
+            raise ValueError(f"normalization must give 1 or 3 means and stds, found {self.normalization}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
 def torch_bytes(obj: object) -> bytes:
@@ -170,13 +303,13 @@ def torch_bytes(obj: object) -> bytes:
     return buffer.getvalue()
 
 
-def save_model(model: nn.Module, model_dir: Path, sidecar: dict) -> None:
-    """model.pt (a plain state_dict on the CPU) and model.json (arch, classes, normalization,
-    input_size, params, metrics), written together as one directory."""
+def save_model(model: nn.Module, model_dir: Path, card: ModelCard) -> None:
+    """model.pt (a plain state_dict on the CPU) and model.json (its card), written together as
+    one directory."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(model_dir) as tmp:
         (tmp / "model.pt").write_bytes(torch_bytes(state_dict))
-        (tmp / "model.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        (tmp / "model.json").write_text(card.to_json())
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> object:
@@ -194,23 +327,21 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> object
                          "truncated, not a torch file, or holds code, which is never run") from None
 
 
-def load_trained(model_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a saved model on the CPU from its directory; returns (model, sidecar)."""
-    try:
-        sidecar = json.loads((model_dir / "model.json").read_text())
-        arch, classes, size = sidecar["arch"], sidecar["classes"], sidecar["input_size"]
-        if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
-            raise ValueError(f"input_size must be [height, width], found {size}")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise StageError(f"{model_dir / 'model.json'}: cannot read the model's sidecar ({err}); "
-                         "rerun the stage that wrote it") from None
-    if arch not in ARCHS:
-        raise StageError(f"{model_dir / 'model.json'}: unknown arch {arch!r}; expected one of {ARCHS}")
-    model = build_model(arch, len(classes))
+def model_dir_of(path: str | Path) -> Path:
+    """A model's folder, given the folder or the model.pt inside it (both read naturally on
+    a command line)."""
+    path = Path(path)
+    return path.parent if path.name == "model.pt" and path.is_file() else path
+
+
+def load_trained(model_dir: Path) -> tuple[Architecture, ModelCard]:
+    """Rebuild a saved model on the CPU from its directory; returns (model, card)."""
+    card = ModelCard.read(model_dir)
+    model = build_model(card.arch, len(card.classes), card.shape)
     state_dict = load_weights(model_dir / "model.pt")
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise StageError(f"{model_dir / 'model.pt'}: cannot load it as a {arch} state_dict for "
-                         f"{len(classes)} classes ({str(err).splitlines()[0]})") from None
-    return model.eval(), sidecar
+        raise StageError(f"{model_dir / 'model.pt'}: cannot load it as a {card.arch} state_dict for "
+                         f"{len(card.classes)} classes ({str(err).splitlines()[0]})") from None
+    return model.eval(), card

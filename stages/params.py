@@ -19,6 +19,10 @@ Amp = Literal["auto", True, False]
 # Test-time augmentation levels, each adding views to the one before (loop.TTA_WEIGHTS); every
 # list of them (train.tta's values, evaluate's metrics) is this one.
 TTA_LEVELS = ("none", "flip", "flip_shift")
+# The data sets download.dataset may name; stages/datasets.py holds what is known of each.
+DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+# The architectures train.arch may name; stages/model.py builds each (ARCHS).
+ARCH_NAMES = ("airbench", "lenet", "resnet18", "mlp", "mnist_mlp")
 
 
 class ParamsError(StageError):
@@ -27,14 +31,18 @@ class ParamsError(StageError):
 
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
-    url: str
-    md5: str
+    dataset: Literal[DATASET_NAMES]
+    url: str | None  # None: the dataset's official location; else a mirror (URL or local path)
+    # None: the official checksums; else the tarball's md5, or {file name: md5} for IDX files
+    md5: str | dict[str, str] | None
     timeout: float  # seconds, for connecting and for each read
     retries: int  # further attempts after the first, with exponential back-off
 
     def check(self, section: str) -> None:
-        _require(len(self.md5) == 32 and all(c in "0123456789abcdef" for c in self.md5),
-                 f"{section}.md5", "32 lowercase hex digits", self.md5)
+        digests = self.md5.values() if isinstance(self.md5, dict) else [self.md5] if self.md5 else []
+        _require(all(len(d) == 32 and all(c in "0123456789abcdef" for c in d) for d in digests),
+                 f"{section}.md5", "null, 32 lowercase hex digits, or a mapping of file names to "
+                 "them", self.md5)
         _require(self.timeout > 0, f"{section}.timeout", "a number of seconds > 0", self.timeout)
         _require(0 <= self.retries <= 10, f"{section}.retries", "an integer in [0, 10]", self.retries)
 
@@ -44,18 +52,23 @@ class PreprocessParams:
     val_fraction: float  # share of each class moved from the training batches to val
     seed: int  # draws the validation split
     workers: int  # processes encoding PNGs
+    # class name -> share of its training images kept (an imbalanced split, for experiments
+    # with class_weights / sampler); {} keeps everything
+    keep: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def check(self, section: str) -> None:
         _require(0 <= self.val_fraction < 1, f"{section}.val_fraction", "a number in [0, 1)",
                  self.val_fraction)
         _require(self.seed >= 0, f"{section}.seed", "an integer >= 0", self.seed)
         _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
+        for name, share in self.keep.items():
+            _require(0 < share <= 1, f"{section}.keep.{name}", "a share in (0, 1]", share)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
     seed: int  # draws the initial weights, the batch order and the augmentations
-    arch: Literal["airbench", "lenet", "resnet18"]
+    arch: Literal[ARCH_NAMES]
     epochs: float  # may be fractional, as airbench's 9.9: the last epoch stops early
     batch_size: int
     optimizer: Literal["sgd", "adam"]
@@ -72,6 +85,8 @@ class TrainParams:
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
     whiten_bias_epochs: int  # airbench: train the whitening conv's bias this long, then freeze
+    class_weights: Literal["none", "balanced"]  # balanced: the loss weighs rare classes up
+    sampler: Literal["shuffle", "balanced"]  # balanced: batches draw every class equally often
     tta: Literal[TTA_LEVELS]  # views averaged when evaluating
     device: Literal["auto", "cpu", "cuda", "mps"]
     amp: Amp
@@ -111,7 +126,7 @@ class FinetuneParams:
     """Finetune runs train's loop; the loop knobs not listed here come from the train section."""
     init: str  # state_dict file to start from; also a dep of the stage in dvc.yaml
     # only for a bare state_dict: a model this project saved names its arch in its model.json
-    arch: Literal["airbench", "lenet", "resnet18"] | None
+    arch: Literal[ARCH_NAMES] | None
     epochs: float
     batch_size: int
     lr: float  # backbone learning rate
@@ -196,10 +211,19 @@ def build(cls: type, raw: object, section: str) -> Any:
 
 def _convert(hint: Any, value: object, key: str) -> object:
     options = typing.get_args(hint)
-    if type(None) in options:  # X | None
+    if type(None) in options:  # X | None, or X | Y | None
         if value is None:
             return None
-        return _convert(next(o for o in options if o is not type(None)), value, key)
+        rest = [o for o in options if o is not type(None)]
+        # a union of a plain type and a mapping: the value's own shape picks the branch
+        mapping = next((o for o in rest if typing.get_origin(o) is dict), None)
+        plain = next((o for o in rest if typing.get_origin(o) is not dict), mapping)
+        return _convert(mapping if isinstance(value, dict) and mapping else plain, value, key)
+    if typing.get_origin(hint) is dict:  # dict[str, X]: a mapping of names to X
+        _require(isinstance(value, dict) and all(type(k) is str for k in value), key,
+                 "a mapping of names to values", value)
+        value_type = typing.get_args(hint)[1]
+        return {k: _convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)
     if typing.get_origin(hint) is Literal:
@@ -238,3 +262,36 @@ def _require(ok: bool, key: str, expected: str, found: object) -> None:
     if not ok:
         raise ParamsError(f"params: {key} must be {expected}, found {found!r} "
                           f"(fix it in params.yaml or in `dvc exp run -S {key}=...`)")
+
+
+def preset_overrides(preset: Path, base: Path = PARAMS_FILE) -> list[str]:
+    """A preset's params (a YAML file of sections and keys, e.g. presets/mnist_mlp.yaml) as
+    `dvc exp run -S` arguments, after checking that `base` with them applied loads."""
+    overrides = read_yaml(preset)
+    merged = read_yaml(base)
+    for section, keys in overrides.items():
+        if not isinstance(keys, dict) or not isinstance(merged.get(section), dict):
+            raise ParamsError(f"{preset}: {section!r} must be a section of params.yaml holding keys")
+        merged[section] = {**merged[section], **keys}
+    build(Params, merged, "")
+    return [f"{section}.{key}={override_text(value)}"
+            for section, keys in overrides.items() for key, value in keys.items()]
+
+
+def override_text(value: object) -> str:
+    """A value as `dvc exp run -S` parses it (YAML)."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {override_text(v)}" for k, v in value.items()) + "}"
+    return yaml_text(value)
+
+
+if __name__ == "__main__":  # python -m stages.params PRESET: its `-S` arguments, one per line
+    import sys
+
+    try:
+        print("\n".join(f"-S {item}" for item in preset_overrides(Path(sys.argv[1]))))
+    except StageError as err:
+        raise SystemExit(f"error: {err}") from None
+

@@ -2,8 +2,9 @@
 
 usage: python -m stages.predict MODEL_DIR IMAGE... [--top-k K] [--device D] [--amp A]
 
-MODEL_DIR holds model.pt and model.json (e.g. models/finetune); the sidecar gives the class
-names, the input size (images are resized to it) and the normalization. Device and precision
+MODEL_DIR holds model.pt and model.json (e.g. models/finetune; its model.pt names it too);
+model.json gives the class names, the input size and channels (images are resized and
+converted to them: grayscale for a 1-channel model) and the normalization. Device and precision
 follow the stages' rule (auto: CUDA, else MPS, else CPU; bf16 only where it is native).
 """
 from __future__ import annotations
@@ -14,27 +15,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.data import load_image, normalize
+from stages.data import image_array, load_image, normalize
 from stages.devices import announce, pick_device, pick_precision
 from stages.loop import predict_logits
-from stages.model import load_trained
+from stages.model import load_trained, model_dir_of
 from stages.outputs import StageError, stage_main
 
 PREDICT_BATCH = 256  # images per forward pass
 
 
-def prepare(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
-    """uint8 N x 3 x H x W from image files of any size, resized (bilinear) to `size`."""
-    arrays = [np.asarray(load_image(p).resize(size, resample=2), dtype=np.uint8) for p in paths]
+def prepare(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 N x C x H x W from image files of any size and mode, converted to `shape`'s
+    channels and resized (bilinear) to its height and width."""
+    channels, height, width = shape
+    arrays = [image_array(load_image(p, channels=channels).resize((width, height), resample=2))
+              for p in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def top_k(model_dir: Path, paths: list[Path], k: int, device: torch.device = torch.device("cpu"),
           dtype: torch.dtype | None = None) -> list[list[tuple[str, float]]]:
-    model, sidecar = load_trained(model_dir)
-    classes, stats = sidecar["classes"], sidecar["normalization"]
-    height, width = sidecar["input_size"]
-    images = normalize(prepare(paths, (width, height)).to(device), stats["mean"], stats["std"])
+    model, card = load_trained(model_dir)
+    classes, stats = card.classes, card.normalization
+    images = normalize(prepare(paths, card.shape).to(device), stats["mean"], stats["std"])
     logits = predict_logits(model.to(device, memory_format=torch.channels_last), images,
                             PREDICT_BATCH, "none", dtype)
     probabilities = logits.softmax(1).cpu()
@@ -46,7 +49,7 @@ def top_k(model_dir: Path, paths: list[Path], k: int, device: torch.device = tor
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description="Top-k classes of image files.")
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=model_dir_of, help="the model's folder or its model.pt")
     parser.add_argument("images", type=Path, nargs="+")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")

@@ -19,7 +19,7 @@ from stages.devices import (Precision, Ranks, Stopwatch, announce, hardware, pic
                             start, stop)
 from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels,
                          training_loader)
-from stages.model import save_model
+from stages.model import ModelCard, save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
 
@@ -94,11 +94,11 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     machine = hardware(device, precision)
     # no timings in model.json: the same weights make the same folder, and nothing downstream
     # of it goes stale (they are in the metrics file)
-    save_model(model, outputs.model_dir, {
-        "arch": params.arch, "classes": data.classes, "normalization": data.normalization,
-        "input_size": list(data.train_images.shape[-2:]),
-        "params": {**dataclasses.asdict(params), **recorded},
-        "metrics": {k: v for k, v in metrics.items() if k not in TIMINGS}, "hardware": machine})
+    save_model(model, outputs.model_dir, ModelCard(
+        arch=params.arch, classes=data.classes, normalization=data.normalization,
+        input_size=list(data.train_images.shape[-2:]),
+        params={**dataclasses.asdict(params), **recorded},
+        metrics={k: v for k, v in metrics.items() if k not in TIMINGS}, hardware=machine))
     write_json(outputs.metrics, {**metrics, **machine, **report})
     # done: a rerun (`dvc repro -f`) trains afresh instead of resuming a finished run
     outputs.checkpoint.unlink(missing_ok=True)

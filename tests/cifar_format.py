@@ -79,3 +79,24 @@ def write_tarball(path: Path, members: dict[str, bytes], base: str = BASE) -> st
 def unpickle_trusted(payload: bytes) -> dict:
     """Test-side reader of our own fixtures (trusted: we just wrote them)."""
     return pickle.loads(payload, encoding="bytes")
+
+
+CIFAR100_FINE = [f"fine_{i}" for i in range(100)]  # stand-ins for apple, aquarium_fish, ...
+
+
+def cifar100_members(seed: int = 0, per_class: int = 1) -> dict[str, bytes]:
+    """A complete CIFAR-100 python archive's members: `train`, `test` and `meta` with
+    `fine_labels` / `fine_label_names` (and the coarse ones, as the official files hold)."""
+    rng = np.random.default_rng(seed)
+
+    def batch(label: str) -> bytes:
+        labels = [c for c in range(100) for _ in range(per_class)]
+        rng.shuffle(labels)
+        rows = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        return dumps_py2({b"batch_label": label.encode(), b"fine_labels": labels,
+                          b"coarse_labels": [c // 5 for c in labels], b"data": rows,
+                          b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]})
+
+    return {"train": batch("training batch 1 of 1"), "test": batch("testing batch 1 of 1"),
+            "meta": dumps_py2({b"fine_label_names": [c.encode() for c in CIFAR100_FINE],
+                               b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)]})}

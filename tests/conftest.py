@@ -6,12 +6,22 @@ from pathlib import Path
 
 import pytest
 
+from stages.datasets import DATASETS
 from stages.extract import extract
+from stages.model import ModelCard
 from stages.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, write_tarball
 
 ROOT = Path(__file__).resolve().parents[1]
+RGB_STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def model_card(arch: str, classes: list[str], normalization: dict | None = None,
+               input_size: tuple[int, int] = (32, 32)) -> ModelCard:
+    """The model.json of a model saved by hand in a test."""
+    return ModelCard(arch=arch, classes=classes, normalization=normalization or RGB_STATS,
+                     input_size=list(input_size), params={}, metrics={}, hardware={})
 
 
 @pytest.fixture(scope="session")
@@ -25,14 +35,15 @@ def tarball(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.fixture(scope="session")
 def batches_dir(tarball: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("extracted") / "cifar-10-batches-py"
-    extract(tarball[0], out)
+    extract(tarball[0].parent, out, DATASETS["cifar10"])
     return out
 
 
 @pytest.fixture(scope="session")
 def image_folder(batches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("images") / "images"
-    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.1, seed=0, workers=2))
+    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.1, seed=0, workers=2),
+               DATASETS["cifar10"])
     return out
 
 

@@ -57,7 +57,8 @@ def test_bad_csv_rows_are_refused_with_file_and_line(image_folder: Path, tmp_pat
     (tmp_path / "outside.png").write_bytes(b"")
     (folder / "evil.png").symlink_to(tmp_path / "outside.png")  # a file linked out of the folder
     (folder / "linked").symlink_to(tmp_path)  # a directory linked out of it
-    (folder / "classes.json").write_text((image_folder / "classes.json").read_text())
+    for name in ("classes.json", "normalization.json"):
+        (folder / name).write_text((image_folder / name).read_text())
     csv_path = write_csv(folder, rows, header)
     with pytest.raises(StageError, match=message) as err:
         CsvImageDataset(csv_path, folder)
@@ -78,7 +79,8 @@ def test_duplicate_rows_are_refused(image_folder: Path) -> None:
 def test_missing_corrupt_or_wrongly_sized_images_are_named(image_folder: Path, tmp_path: Path) -> None:
     folder = tmp_path / "folder"
     (folder / "x").mkdir(parents=True)
-    (folder / "classes.json").write_text((image_folder / "classes.json").read_text())
+    for name in ("classes.json", "normalization.json"):
+        (folder / name).write_text((image_folder / name).read_text())
     (folder / "x" / "good.png").write_bytes((image_folder / "test.csv").parent.joinpath(
         (image_folder / "test.csv").read_text().splitlines()[1].split(",")[0]).read_bytes())
     (folder / "x" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -9,24 +9,26 @@ from stages.download import download
 from stages.outputs import StageError
 from stages.params import DownloadParams
 
+TARBALL = "cifar-10-python.tar.gz"  # the name download gives CIFAR-10's file
+
 
 def params(url: str, md5: str, retries: int = 0) -> DownloadParams:
-    return DownloadParams(url=url, md5=md5, timeout=5.0, retries=retries)
+    return DownloadParams(dataset="cifar10", url=url, md5=md5, timeout=5.0, retries=retries)
 
 
 def test_download_copies_a_file_url_and_checks_md5(tarball, tmp_path: Path) -> None:
     path, md5 = tarball
     out = tmp_path / "raw" / "cifar-10-python.tar.gz"
     download(params(path.as_uri(), md5), out)
-    assert out.read_bytes() == path.read_bytes()
-    assert not out.with_name(out.name + ".part").exists()
+    assert (out / TARBALL).read_bytes() == path.read_bytes()
+    assert not list(out.parent.glob("*.part"))
 
 
 def test_download_accepts_a_plain_local_path(tarball, tmp_path: Path) -> None:
     path, md5 = tarball
     out = tmp_path / "out.tar.gz"
     download(params(str(path), md5), out)
-    assert out.read_bytes() == path.read_bytes()
+    assert (out / TARBALL).read_bytes() == path.read_bytes()
 
 
 def test_download_refuses_a_wrong_md5_and_leaves_no_file(tarball, tmp_path: Path) -> None:
@@ -67,7 +69,7 @@ def test_download_over_http(tarball, http_root, tmp_path: Path) -> None:
     (root / "c.tar.gz").write_bytes(path.read_bytes())
     out = tmp_path / "out.tar.gz"
     download(params(f"{base}/c.tar.gz", md5), out)
-    assert out.read_bytes() == path.read_bytes()
+    assert (out / TARBALL).read_bytes() == path.read_bytes()
 
 
 def test_download_http_404_is_a_clear_error(http_root, tmp_path: Path) -> None:
@@ -86,6 +88,6 @@ def test_download_refuses_an_html_page(http_root, tmp_path: Path) -> None:
 
 def test_download_unreachable_host_says_how_to_work_offline(tmp_path: Path) -> None:
     # Port 9 on loopback: nothing listens, the connection is refused at once.
-    with pytest.raises(StageError, match="cannot connect.*point download.url at it"):
+    with pytest.raises(StageError, match="cannot connect.*point download.url at them"):
         download(params("http://127.0.0.1:9/c.tar.gz", "0" * 32), tmp_path / "out.tar.gz")
     assert not (tmp_path / "out.tar.gz").exists()

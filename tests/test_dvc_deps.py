@@ -41,4 +41,5 @@ def test_every_stage_depends_on_exactly_the_modules_it_imports() -> None:
 def test_the_import_walk_follows_imports_through_modules() -> None:
     assert stage_imports("stages.train") >= {"stages/train.py", "stages/run.py", "stages/loop.py",
                                              "stages/devices.py", "stages/outputs.py"}
-    assert stage_imports("stages.extract") == {"stages/extract.py", "stages/outputs.py"}
+    assert stage_imports("stages.extract") == {"stages/extract.py", "stages/datasets.py",
+                                               "stages/outputs.py", "stages/params.py"}

@@ -10,6 +10,7 @@ from stages.evaluate import confusion_matrix, evaluate, macro_f1
 from stages.model import build_model, save_model
 from stages.params import EvaluateParams
 from tests.cifar_format import CLASSES
+from tests.conftest import model_card
 
 
 def test_confusion_matrix_and_macro_f1_match_a_hand_count() -> None:
@@ -24,9 +25,8 @@ def test_confusion_matrix_and_macro_f1_match_a_hand_count() -> None:
 def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_path: Path) -> None:
     stats = json.loads((image_folder / "normalization.json").read_text())
     for name, arch in (("train", "lenet"), ("finetune", "airbench")):
-        save_model(build_model(arch, 10), tmp_path / "models" / name,
-                   {"arch": arch, "classes": CLASSES, "normalization": stats, "input_size": [32, 32],
-                    "params": {}})
+        save_model(build_model(arch, 10, (3, 32, 32)), tmp_path / "models" / name,
+                   model_card(arch, CLASSES, stats))
     evaluate(image_folder, tmp_path / "metrics", tmp_path / "plots",
              [tmp_path / "models" / "train", tmp_path / "models" / "finetune"],
              EvaluateParams(batch_size=7, device="cpu", amp=False, misclassified=5))

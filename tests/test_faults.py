@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import stages.extract
+from stages.datasets import DATASETS
 from stages.extract import extract
 from stages.loop import Checkpoint, fit
 from stages.outputs import StageError
@@ -40,7 +41,7 @@ from tests.test_train import stage_dir
 def test_every_opcode_route_to_a_global_is_refused(batches_dir, tmp_path, payload, message) -> None:
     source = corrupt(batches_dir, tmp_path, "test_batch", payload)
     with pytest.raises(StageError, match=message):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1), DATASETS["cifar10"])
     assert not (tmp_path / "images").exists()
 
 
@@ -53,7 +54,7 @@ def test_every_opcode_route_to_a_global_is_refused(batches_dir, tmp_path, payloa
 def test_wrong_dtypes_are_refused(batches_dir, tmp_path, changes, message) -> None:
     source = corrupt(batches_dir, tmp_path, "data_batch_1", batch_with(**changes))
     with pytest.raises(StageError, match=message):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1), DATASETS["cifar10"])
 
 
 def test_missing_key_is_refused(batches_dir, tmp_path) -> None:
@@ -61,34 +62,36 @@ def test_missing_key_is_refused(batches_dir, tmp_path) -> None:
     del batch[b"labels"]
     source = corrupt(batches_dir, tmp_path, "data_batch_1", dumps_py2(batch))
     with pytest.raises(StageError, match="data_batch_1: missing key 'labels'"):
-        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
+        preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1), DATASETS["cifar10"])
 
 
 def test_hostile_filenames_are_never_used(batches_dir, tmp_path) -> None:
     payload = batch_with(filenames=[b"../../../../tmp/evil.png"] * 20)
     source = corrupt(batches_dir, tmp_path, "data_batch_1", payload)
-    preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1))
+    preprocess(source, tmp_path / "images", PreprocessParams(0.1, 0, 1), DATASETS["cifar10"])
     pngs = list((tmp_path / "images").rglob("*.png"))
     assert len(pngs) == 120 and all(p.stem.isdigit() for p in pngs)
     assert not Path("/tmp/evil.png").exists()
 
 
 def test_member_larger_than_allowed_is_refused_before_reading(tmp_path, monkeypatch) -> None:
-    archive = tmp_path / "big.tar.gz"
+    archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
     write_tarball(archive, batch_members())
     monkeypatch.setattr(stages.extract, "MAX_MEMBER_BYTES", 1000)
     with pytest.raises(StageError, match="declares \\d+ bytes, more than 1000"):
-        extract(archive, tmp_path / "out")
+        extract(archive.parent, tmp_path / "out", DATASETS["cifar10"])
     assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_gzip_stream_is_refused(tarball, tmp_path) -> None:
     data = bytearray(tarball[0].read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # zeroed bytes mid-stream
-    archive = tmp_path / "corrupt.tar.gz"
+    archive = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
     archive.write_bytes(bytes(data))
     with pytest.raises(StageError, match="truncated or corrupt"):
-        extract(archive, tmp_path / "out")
+        extract(archive.parent, tmp_path / "out", DATASETS["cifar10"])
     assert not (tmp_path / "out").exists()
 
 

@@ -12,6 +12,7 @@ from stages.loop import Training, param_groups
 from stages.model import build_model, save_model
 from stages.outputs import StageError
 from tests.test_loop import CPU, toy_data, train_params
+from tests.conftest import model_card
 
 
 def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:
@@ -21,8 +22,8 @@ def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:
 
 
 def test_own_state_dict_loads_every_key(tmp_path: Path) -> None:
-    source = build_model("airbench", 10)
-    model = build_model("airbench", 10)
+    source = build_model("airbench", 10, (3, 32, 32))
+    model = build_model("airbench", 10, (3, 32, 32))
     path = saved(tmp_path, source.state_dict())
     report = match_weights(model, read_state_dict(path), path)
     assert report["loaded"] == list(model.state_dict()) and report["reinitialised"] == []
@@ -33,7 +34,7 @@ def test_own_state_dict_loads_every_key(tmp_path: Path) -> None:
 def test_torchvision_imagenet_resnet18_swaps_head_and_stem(tmp_path: Path) -> None:
     imagenet = torchvision.models.resnet18(num_classes=1000)  # the ImageNet checkpoint's layout
     path = saved(tmp_path, imagenet.state_dict())
-    model = build_model("resnet18", 10)
+    model = build_model("resnet18", 10, (3, 32, 32))
     report = match_weights(model, read_state_dict(path), path)
     assert sorted(report["reinitialised"]) == ["conv1.weight", "fc.bias", "fc.weight"]
     assert sorted(report["skipped"]) == ["conv1.weight", "fc.bias", "fc.weight"]
@@ -43,38 +44,38 @@ def test_torchvision_imagenet_resnet18_swaps_head_and_stem(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
-    source = build_model("lenet", 10).state_dict()
+    source = build_model("lenet", 10, (3, 32, 32)).state_dict()
     path = saved(tmp_path, {prefix + k: v for k, v in source.items()})
-    report = match_weights(build_model("lenet", 10), read_state_dict(path), path)
+    report = match_weights(build_model("lenet", 10, (3, 32, 32)), read_state_dict(path), path)
     assert len(report["loaded"]) == len(source)
 
 
 def test_another_architecture_is_refused(tmp_path: Path) -> None:
-    path = saved(tmp_path, build_model("lenet", 10).state_dict())
+    path = saved(tmp_path, build_model("lenet", 10, (3, 32, 32)).state_dict())
     with pytest.raises(StageError, match="lacks backbone key 'whiten.weight'.*finetune.arch"):
-        match_weights(build_model("airbench", 10), read_state_dict(path), path)
+        match_weights(build_model("airbench", 10, (3, 32, 32)), read_state_dict(path), path)
 
 
 def test_backbone_shape_mismatch_is_refused(tmp_path: Path) -> None:
-    state = build_model("lenet", 10).state_dict()
+    state = build_model("lenet", 10, (3, 32, 32)).state_dict()
     state["fc2.weight"] = torch.zeros(84, 99)
     path = saved(tmp_path, state)
     with pytest.raises(StageError, match=r"fc2.weight has shape \(84, 99\), the model needs \(84, 120\)"):
-        match_weights(build_model("lenet", 10), read_state_dict(path), path)
+        match_weights(build_model("lenet", 10, (3, 32, 32)), read_state_dict(path), path)
 
 
 def test_head_for_other_classes_is_reinitialised(tmp_path: Path) -> None:
-    path = saved(tmp_path, build_model("lenet", 100).state_dict())
-    report = match_weights(build_model("lenet", 10), read_state_dict(path), path)
+    path = saved(tmp_path, build_model("lenet", 100, (3, 32, 32)).state_dict())
+    report = match_weights(build_model("lenet", 10, (3, 32, 32)), read_state_dict(path), path)
     assert report["reinitialised"] == ["fc3.weight", "fc3.bias"]
 
 
 def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
-    state = build_model("lenet", 10).state_dict()
+    state = build_model("lenet", 10, (3, 32, 32)).state_dict()
     state["conv1.weight"][0, 0, 0, 0] = float("nan")
     path = saved(tmp_path, state)
     with pytest.raises(StageError, match="conv1.weight holds NaN or inf"):
-        match_weights(build_model("lenet", 10), read_state_dict(path), path)
+        match_weights(build_model("lenet", 10, (3, 32, 32)), read_state_dict(path), path)
 
 
 class Exploit:
@@ -102,12 +103,12 @@ def test_bad_weight_files_are_refused_without_running_code(tmp_path: Path) -> No
 def test_freeze_epochs_train_only_the_head_first() -> None:
     params = train_params(arch="lenet", optimizer="adam", lr=0.01, epochs=2.0, batch_size=50, amp=False,
                           ema_every=0)
-    model = build_model("lenet", 2)
+    model = build_model("lenet", 2, (3, 32, 32))
     backbone = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("fc3.")}
     head = model.fc3.weight.clone()
     images, labels = toy_data()
     loader = BatchLoader(images, labels, 50, crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)
-    groups = param_groups(model, model.HEAD, 0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0)
+    groups = param_groups(model, 0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0)
     training = Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
     training.run_epoch()
     assert all(torch.equal(p, backbone[k]) for k, p in model.named_parameters() if k in backbone)
@@ -119,8 +120,7 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
 
 def test_the_architecture_comes_from_the_model_json_beside_the_init_file(tmp_path: Path) -> None:
     saved = tmp_path / "models" / "train"
-    save_model(build_model("lenet", 10), saved, {"arch": "lenet", "classes": [str(i) for i in range(10)],
-                                                 "input_size": [32, 32]})
+    save_model(build_model("lenet", 10, (3, 32, 32)), saved, model_card("lenet", [str(i) for i in range(10)]))
     assert init_arch(saved / "model.pt", None) == "lenet"
     assert init_arch(saved / "model.pt", "lenet") == "lenet"
     with pytest.raises(StageError, match=r"finetune.arch is 'resnet18' but .*model.json says .* 'lenet'"):
@@ -129,7 +129,7 @@ def test_the_architecture_comes_from_the_model_json_beside_the_init_file(tmp_pat
 
 def test_a_bare_state_dict_needs_finetune_arch(tmp_path: Path) -> None:
     bare = tmp_path / "resnet18-imagenet.pth"
-    torch.save(build_model("resnet18", 1000).state_dict(), bare)
+    torch.save(build_model("resnet18", 1000, (3, 32, 32)).state_dict(), bare)
     assert init_arch(bare, "resnet18") == "resnet18"
     with pytest.raises(StageError, match="no model.json beside it .* set finetune.arch"):
         init_arch(bare, None)

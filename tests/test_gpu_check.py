@@ -29,7 +29,8 @@ def test_the_params_reader_refuses_what_it_does_not_read(tmp_path: Path) -> None
     path.write_text("train:\n  lr: 0.1   # a comment\n  sizes:\n    - 1\n")
     with pytest.raises(SystemExit, match=r"params.yaml:4: not a `key: value` line"):
         read_params_yaml(path)
-    path.write_text("seed: 3\ntrain:\n  lr: 1e-3\n  amp: auto\n  compile: false\n  url: 'a: b'\n")
+    path.write_text("seed: 3\ntrain:\n  lr: 1e-3\n  amp: auto\n  compile: false\n  url: 'a: b'\n"
+                    "  keep: {}\n  md5: {a.gz: 0123abc, b.gz: 4567def}\n")  # as make local-data writes it
     assert read_params_yaml(path) == yaml.safe_load(path.read_text())
 
 
@@ -60,7 +61,7 @@ def test_without_tqdm_the_stand_in_serves_the_stages_bars(image_folder: Path) ->
             "from stages.data import decode_split; from stages.loop import predict_logits; "
             "import torch; from stages.model import build_model; "
             f"x, y = decode_split(Path({str(image_folder / 'test.csv')!r}), Path({str(image_folder)!r}), 10, 2); "
-            "print(tuple(x.shape), tuple(predict_logits(build_model('lenet', 10), x.float(), 8, 'none', None).shape))")
+            "print(tuple(x.shape), tuple(predict_logits(build_model('lenet', 10, (3, 32, 32)), x.float(), 8, 'none', None).shape))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "(20, 3, 32, 32) (20, 10)"

@@ -3,7 +3,7 @@ environment (built by `make setup`) is the lock's."""
 from __future__ import annotations
 
 import re
-import tomllib
+import sysconfig
 from importlib import metadata
 
 from packaging.requirements import Requirement
@@ -27,8 +27,8 @@ def pins() -> dict[str, Version]:
 
 
 def test_lock_pins_every_dependency_within_pyproject_ranges() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    # pyproject.toml's dependencies and test extra, as the installed project's metadata has them
+    wanted = [Requirement(r) for r in metadata.requires(PROJECT)]
     pinned = pins()
     for requirement in wanted:
         name = canonicalize_name(requirement.name)
@@ -39,7 +39,11 @@ def test_lock_pins_every_dependency_within_pyproject_ranges() -> None:
 
 def test_this_environment_is_the_locked_one() -> None:
     pinned = pins()
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()}
+    # the environment's own packages, as pip freeze lists them: not what an import added to
+    # sys.path (setuptools puts its vendored packages there)
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version)
+                 for d in metadata.distributions(path=site)}
     installed = {n: v for n, v in installed.items() if n not in UNPINNED and n != PROJECT}
     missing = sorted(set(installed) - set(pinned))
     assert not missing, f"installed but not in requirements.lock: {missing}; run `make lock`"

@@ -75,14 +75,14 @@ def test_lr_schedules_start_peak_and_end_where_stated() -> None:
 
 
 def test_param_groups_give_frozen_scale_norm_biases_the_higher_lr() -> None:
-    model = AirbenchNet(10)
-    groups = {g.name: g for g in param_groups(model, model.HEAD, 0.1, 0.5, 0.01, 64.0,
+    model = AirbenchNet(10, 3, 32, 32)
+    groups = {g.name: g for g in param_groups(model, 0.1, 0.5, 0.01, 64.0,
                                                freeze_epochs=1, whiten_bias_epochs=3)}
     assert groups["head"].lr == 0.5 and groups["head"].trains_in(0)
     assert groups["norm_bias"].lr == pytest.approx(6.4)
     assert groups["norm_bias"].lr * groups["norm_bias"].weight_decay == pytest.approx(0.1 * 0.01)
     assert not groups["backbone"].trains_in(0) and groups["backbone"].trains_in(1)
-    assert groups["whiten_bias"].trains_in(2) and not groups["whiten_bias"].trains_in(3)
+    assert groups["stem_bias"].trains_in(2) and not groups["stem_bias"].trains_in(3)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for g in groups.values() for p in g.params}
 
@@ -111,7 +111,7 @@ def test_tta_views_have_the_input_shape_and_weights_summing_to_one() -> None:
 
 
 def test_shared_tta_pass_equals_separate_passes() -> None:
-    model = build_model("lenet", 4)
+    model = build_model("lenet", 4, (3, 32, 32))
     images = torch.randn(15, 3, 32, 32)
     levels = predict_levels(model, images, 4, list(TTA_WEIGHTS), dtype=None)
     for level in TTA_WEIGHTS:
@@ -134,11 +134,11 @@ def make_training(seed: int = 0, **changes) -> Training:
     params = train_params(**{"arch": "lenet", "optimizer": "adam", "lr": 0.003, "epochs": 3.0,
                              "batch_size": 50, "amp": False, "ema_every": 2, **changes})
     torch.manual_seed(seed)
-    model = build_model("lenet", 2)
+    model = build_model("lenet", 2, (3, 32, 32))
     images, labels = toy_data()
     loader = BatchLoader(images, labels, params.batch_size, crop_padding=2, flip=True, shuffle=True,
                          drop_last=True, seed=seed)
-    groups = param_groups(model, model.HEAD, params.lr, params.lr, 0.0, 1.0, 0, 0)
+    groups = param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0)
     return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
 
 
@@ -169,10 +169,10 @@ def airbench_training(**changes) -> Training:
                              "whiten_bias_epochs": 1, **changes})
     torch.manual_seed(0)
     images, labels = toy_data(16)
-    model = AirbenchNet(2).to(memory_format=torch.channels_last)
+    model = AirbenchNet(2, 3, 32, 32).to(memory_format=torch.channels_last)
     loader = BatchLoader(images, labels, 8, crop_padding=2, flip=True, shuffle=True,
                          drop_last=True, seed=0)
-    groups = param_groups(model, model.HEAD, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0,
+    groups = param_groups(model, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0,
                           whiten_bias_epochs=params.whiten_bias_epochs)
     return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
 

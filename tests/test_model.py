@@ -1,22 +1,55 @@
+import json
+
 import pytest
 import torch
 import torchvision
 
 from stages.model import ARCHS, AirbenchNet, build_model, init_whitening, load_trained, save_model
 from stages.outputs import StageError
+from tests.conftest import model_card
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_arch_maps_images_to_one_logit_per_class(arch: str) -> None:
-    model = build_model(arch, num_classes=7).eval()
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (1, 32, 32), (3, 64, 48)])
+def test_each_arch_maps_images_of_any_shape_to_one_logit_per_class(arch: str, shape: tuple) -> None:
+    model = build_model(arch, 7, shape).eval()
     with torch.no_grad():
-        logits = model(torch.randn(4, 3, 32, 32))
+        logits = model(torch.randn(4, *shape))
     assert logits.shape == (4, 7)
-    assert any(k.startswith(model.HEAD) for k in model.state_dict())
+    roles = model.roles()  # every trainable parameter has a role; the head is the HEAD's keys
+    assert set(roles) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, r in roles.items() if r == "head"} == {
+        n for n in roles if n.startswith(model.HEAD)} != set()
+    assert set(model.STEM) <= set(model.state_dict())
+
+
+def test_airbench_pools_as_airbench94_at_32x32() -> None:
+    """The adaptive pool is airbench's MaxPool2d(3) over the final 3x3 maps: same logits."""
+    torch.manual_seed(0)
+    model = build_model("airbench", 10, (3, 32, 32)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.groups(torch.nn.functional.gelu(model.whiten(images)))
+        reference = model.head(torch.nn.functional.max_pool2d(features, 3).flatten(1)) * model.LOGIT_SCALE
+        assert features.shape[-2:] == (3, 3)
+        assert torch.equal(model(images), reference)
+
+
+def test_the_tutorials_networks_have_their_published_sizes() -> None:
+    """The quickstart MLP (784-512-512-10), the MNIST MLP (784-128-10) and LeNet on 1x32x32
+    (400-120-84-10), as the tutorials build them."""
+    sizes = {arch: [tuple(p.shape) for n, p in build_model(arch, 10, (1, 28, 28)).named_parameters()
+                    if n.endswith("weight")] for arch in ("mlp", "mnist_mlp")}
+    assert sizes["mlp"] == [(512, 784), (512, 512), (10, 512)]
+    assert sizes["mnist_mlp"] == [(128, 784), (10, 128)]
+    lenet = build_model("lenet", 10, (1, 32, 32))
+    assert lenet.conv1.weight.shape == (6, 1, 5, 5) and lenet.fc1.weight.shape == (120, 400)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        build_model("lenet", 10, (1, 12, 12))
 
 
 def test_resnet18_has_torchvision_key_names() -> None:
-    ours = build_model("resnet18", 10).state_dict()
+    ours = build_model("resnet18", 10, (3, 32, 32)).state_dict()
     reference = torchvision.models.resnet18(num_classes=10).state_dict()
     assert list(ours) == list(reference)
     differing = [k for k in ours if ours[k].shape != reference[k].shape]
@@ -28,7 +61,7 @@ def test_whitening_makes_patch_covariance_near_identity() -> None:
     # Strongly correlated channels and pixels: a smoothed, mixed random image batch.
     base = torch.nn.functional.avg_pool2d(torch.randn(256, 3, 34, 34), 3, stride=1)
     images = base + 0.5 * base.mean(1, keepdim=True)
-    model = AirbenchNet(10)
+    model = AirbenchNet(10, 3, 32, 32)
     init_whitening(model.whiten, images, eps=0.0)
     with torch.no_grad():
         out = torch.nn.functional.conv2d(images, model.whiten.weight[:12])  # without the negations
@@ -39,18 +72,24 @@ def test_whitening_makes_patch_covariance_near_identity() -> None:
 
 
 def test_saved_model_reloads_with_weights_only(tmp_path) -> None:
-    model = build_model("lenet", 3)
-    sidecar = {"arch": "lenet", "classes": ["a", "b", "c"], "normalization": {}, "input_size": [32, 32],
-               "params": {}}
-    save_model(model, tmp_path / "m", sidecar)
-    loaded, meta = load_trained(tmp_path / "m")
-    assert meta == sidecar
+    model = build_model("lenet", 3, (3, 32, 32))
+    card = model_card("lenet", ["a", "b", "c"])
+    save_model(model, tmp_path / "m", card)
+    loaded, read = load_trained(tmp_path / "m")
+    assert read == card and read.shape == (3, 32, 32)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    (tmp_path / "m" / "model.json").write_text('{"arch": "lenet", "classes": ["a"], "input_size": [32, 32]}')
+    fields = json.loads(card.to_json())
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**fields, "classes": ["a"]}))
     with pytest.raises(StageError, match="cannot load it as a lenet state_dict for 1 classes"):
         load_trained(tmp_path / "m")
-    for size in ("", ', "input_size": [32]'):  # the input size is the sidecar's, never assumed
-        (tmp_path / "m" / "model.json").write_text('{"arch": "lenet", "classes": ["a", "b", "c"]%s}' % size)
+    # the input size and channels are the card's, never assumed
+    for broken in ({"input_size": [32]}, {"normalization": {"mean": [0.5] * 2, "std": [0.2] * 2}},
+                   {"arch": "alexnet"}, {"hardware": None, "extra": 1}):
+        (tmp_path / "m" / "model.json").write_text(json.dumps({**fields, **broken}))
         with pytest.raises(StageError, match="model.json: cannot read the model's sidecar"):
             load_trained(tmp_path / "m")
+    fields.pop("input_size")
+    (tmp_path / "m" / "model.json").write_text(json.dumps(fields))
+    with pytest.raises(StageError, match="model.json: cannot read the model's sidecar"):
+        load_trained(tmp_path / "m")

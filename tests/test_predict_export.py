@@ -9,20 +9,20 @@ from stages.export import export
 from stages.model import build_model, save_model
 from stages.predict import top_k
 from tests.cifar_format import CLASSES
+from tests.conftest import model_card
 
 STATS = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
 
 
 def saved_model(tmp_path: Path, arch: str = "airbench") -> Path:
     torch.manual_seed(0)
-    model = build_model(arch, 10).eval()
+    model = build_model(arch, 10, (3, 32, 32)).eval()
     with torch.no_grad():  # non-trivial BN statistics, so eval mode matters
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    save_model(model, tmp_path / "model", {"arch": arch, "classes": CLASSES, "normalization": STATS,
-                                           "input_size": [32, 32], "params": {}})
+    save_model(model, tmp_path / "model", model_card(arch, CLASSES, STATS))
     return tmp_path / "model"
 
 
@@ -38,9 +38,10 @@ def test_predict_prints_top_k_for_images_of_any_size(tmp_path: Path) -> None:
         assert all(name in CLASSES for name, _ in row)
         assert [p for _, p in row] == sorted((p for _, p in row), reverse=True)
         assert 0 < sum(p for _, p in row) <= 1 + 1e-6
-    cli = subprocess.run([sys.executable, "-m", "stages.predict", str(model_dir), str(paths[0]),
-                          "--top-k", "2"], capture_output=True, text=True, check=True)
-    assert cli.stdout.startswith(f"{paths[0]}: {results[0][0][0]} ")
+    for model in (model_dir, model_dir / "model.pt"):  # the folder, or the model.pt inside it
+        cli = subprocess.run([sys.executable, "-m", "stages.predict", str(model), str(paths[0]),
+                              "--top-k", "2"], capture_output=True, text=True, check=True)
+        assert cli.stdout.startswith(f"{paths[0]}: {results[0][0][0]} ")
 
 
 def test_exported_program_equals_the_eager_model_without_project_code(tmp_path: Path) -> None:

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.datasets import DATASETS
 from stages.outputs import StageError
 from stages.params import PreprocessParams
 from stages.preprocess import load_pickle, preprocess, stratified_val
 from tests.cifar_format import CLASSES, batch_members, dumps_py2, unpickle_trusted
+
+CIFAR10 = DATASETS["cifar10"]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -59,7 +62,7 @@ def test_stratified_split_keeps_class_shares_and_is_seeded() -> None:
 
 def test_val_fraction_zero_writes_no_val_split(batches_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "images"
-    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.0, seed=0, workers=1))
+    preprocess(batches_dir, out, PreprocessParams(val_fraction=0.0, seed=0, workers=1), CIFAR10)
     assert not (out / "val.csv").exists()
     assert len(read_rows(out / "train.csv")) == 100
 
@@ -98,7 +101,7 @@ def test_preprocess_refuses_bad_batches_and_writes_nothing(batches_dir, tmp_path
     source = corrupt(batches_dir, tmp_path, "data_batch_2", payload)
     out = tmp_path / "images"
     with pytest.raises(StageError, match=message) as err:
-        preprocess(source, out, PreprocessParams(val_fraction=0.1, seed=0, workers=1))
+        preprocess(source, out, PreprocessParams(val_fraction=0.1, seed=0, workers=1), CIFAR10)
     assert "data_batch_2" in str(err.value)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["batches"]
 
@@ -116,4 +119,4 @@ def test_hostile_class_names_are_refused(batches_dir, tmp_path) -> None:
     meta = dumps_py2({b"label_names": [b"../../etc"] + [c.encode() for c in CLASSES[1:]]})
     source = corrupt(batches_dir, tmp_path, "batches.meta", meta)
     with pytest.raises(StageError, match="class name '../../etc'"):
-        preprocess(source, tmp_path / "images", PreprocessParams(val_fraction=0.1, seed=0, workers=1))
+        preprocess(source, tmp_path / "images", PreprocessParams(val_fraction=0.1, seed=0, workers=1), CIFAR10)

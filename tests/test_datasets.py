@@ -1,0 +1,197 @@
+"""Every data set through download, extract and preprocess, in its real distribution format:
+MNIST and Fashion-MNIST as four gzip'd IDX files, CIFAR-100 as its python tarball."""
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import stages.datasets
+from stages.datasets import DATASETS, IDX_FILES
+from stages.download import download
+from stages.extract import extract
+from stages.outputs import StageError
+from stages.params import DATASET_NAMES, DownloadParams, PreprocessParams
+from stages.preprocess import preprocess
+from tests.cifar_format import CIFAR100_FINE, cifar100_members, write_tarball
+from tests.idx_format import idx_bytes, idx_payloads, write_idx_files
+
+SPLIT = PreprocessParams(val_fraction=0.25, seed=0, workers=1)
+
+
+def test_every_param_choice_is_a_known_data_set() -> None:
+    assert list(DATASETS) == list(DATASET_NAMES)
+    for dataset in DATASETS.values():
+        assert all(len(md5) == 32 for md5 in dataset.md5.values())
+        assert (dataset.format == "idx") == (list(dataset.md5) == list(IDX_FILES))
+
+
+def through_preprocess(tmp_path: Path, name: str, url: str, md5: object) -> Path:
+    """download -> extract -> preprocess, as the stages run them."""
+    raw, extracted, images = tmp_path / "raw" / name, tmp_path / "extracted" / name, tmp_path / "images"
+    download(DownloadParams(dataset=name, url=url, md5=md5, timeout=5.0, retries=0), raw)
+    extract(raw, extracted, DATASETS[name])
+    preprocess(extracted, images, SPLIT, DATASETS[name])
+    return images
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_idx_data_sets_become_a_grayscale_image_folder(tmp_path: Path, name: str) -> None:
+    mirror = tmp_path / "mirror"
+    md5 = write_idx_files(mirror, idx_payloads())
+    images = through_preprocess(tmp_path, name, str(mirror), md5)
+    assert json.loads((images / "classes.json").read_text()) == list(DATASETS[name].classes)
+    stats = json.loads((images / "normalization.json").read_text())
+    assert len(stats["mean"]) == len(stats["std"]) == 1  # one channel
+    rows = (images / "train.csv").read_text().splitlines()
+    assert rows[0] == "path,label,class_name" and len(rows) == 1 + 90  # 120 less a quarter
+    assert len((images / "test.csv").read_text().splitlines()) == 1 + 20
+    path, label, class_name = rows[1].split(",")
+    png = Image.open(images / path)
+    assert png.mode == "L" and png.size == (28, 28)
+    assert class_name == DATASETS[name].classes[int(label)]
+    # the bar of the fixture's digit sits at the label's row: pixels survived exactly
+    assert np.asarray(png)[2 + 2 * int(label), 14] == 255
+
+
+def test_the_official_mnist_checksums_are_used_when_md5_is_null(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    write_idx_files(mirror, idx_payloads())
+    with pytest.raises(StageError, match=f"does not match download.md5 {DATASETS['mnist'].md5[IDX_FILES[0]]}"):
+        download(DownloadParams("mnist", mirror.as_uri(), None, 5.0, 0), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("md5, message", [
+    ("0" * 32, "mnist is four files; give a mapping"),
+    ({IDX_FILES[0]: "0" * 32}, "mnist is four files; give a mapping"),
+])
+def test_a_mirror_needs_a_checksum_per_file(tmp_path: Path, md5, message) -> None:
+    with pytest.raises(StageError, match=message):
+        download(DownloadParams("mnist", str(tmp_path), md5, 5.0, 0), tmp_path / "raw")
+
+
+def corrupted(tmp_path: Path, name: str, payload: bytes) -> tuple[Path, Path]:
+    """Raw MNIST files with `name` replaced by gzip(payload); returns (raw dir, out dir)."""
+    payloads = {**idx_payloads(), name: payload}
+    raw = tmp_path / "raw"
+    write_idx_files(raw, payloads)
+    return raw, tmp_path / "extracted"
+
+
+def labels_file(labels: list[int]) -> bytes:
+    return idx_bytes(np.array(labels, dtype=np.uint8))
+
+
+TRAIN_LABELS = idx_payloads()[IDX_FILES[1]]
+
+
+@pytest.mark.parametrize("name, payload, message", [
+    (IDX_FILES[1], b"\0\0\x09\x01" + TRAIN_LABELS[4:], "not an IDX file of unsigned bytes"),
+    (IDX_FILES[1], TRAIN_LABELS[:2], "not an IDX file"),
+    (IDX_FILES[1], TRAIN_LABELS[:6], "IDX header ends after"),
+    (IDX_FILES[1], TRAIN_LABELS[:-5], "ends 5 bytes short"),
+    (IDX_FILES[1], TRAIN_LABELS + b"\0", "inflates past the 128 bytes its header declares"),
+    (IDX_FILES[0], b"\0\0\x08\x03" + b"\xff\xff\xff\xff" * 3, "more than"),
+])
+def test_extract_refuses_bad_idx_files_naming_them(tmp_path: Path, name, payload, message) -> None:
+    raw, out = corrupted(tmp_path, name, payload)
+    with pytest.raises(StageError, match=message) as err:
+        extract(raw, out, DATASETS["mnist"])
+    assert name in str(err.value)
+    assert not out.exists() and not list(out.parent.glob(".*tmp"))
+
+
+def test_a_gzip_bomb_is_refused_after_reading_no_more_than_its_header_declares(tmp_path: Path) -> None:
+    """A labels file declaring 120 labels that inflates to 200 MB of zeros."""
+    raw = tmp_path / "raw"
+    write_idx_files(raw, idx_payloads())
+    bomb = gzip.compress(TRAIN_LABELS + bytes(200 << 20), compresslevel=1, mtime=0)
+    (raw / IDX_FILES[1]).write_bytes(bomb)
+    start = time.perf_counter()
+    with pytest.raises(StageError, match="inflates past"):
+        extract(raw, tmp_path / "out", DATASETS["mnist"])
+    assert len(bomb) < 1 << 20 and time.perf_counter() - start < 5  # stopped early, not inflated
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, payload, message", [
+    (IDX_FILES[1], labels_file([0] * 119), "119 labels for the 120 images"),
+    (IDX_FILES[3], labels_file([10] + [0] * 19), "label 10 at row 0 is outside \\[0, 10\\)"),
+    (IDX_FILES[1], idx_bytes(np.zeros((120, 1, 1), dtype=np.uint8)), "expected 1 non-zero"),
+    (IDX_FILES[0], idx_bytes(np.zeros((120, 28), dtype=np.uint8)), "expected 3 non-zero"),
+    (IDX_FILES[2], idx_bytes(np.zeros((20, 32, 32), dtype=np.uint8)), "images of \\(32, 32\\) pixels"),
+])
+def test_preprocess_refuses_idx_files_that_do_not_fit_together(tmp_path: Path, name, payload, message) -> None:
+    raw, out = corrupted(tmp_path, name, payload)
+    extract(raw, out, DATASETS["mnist"])
+    with pytest.raises(StageError, match=message):
+        preprocess(out, tmp_path / "images", SPLIT, DATASETS["mnist"])
+    assert not (tmp_path / "images").exists()
+
+
+def test_cifar100_becomes_a_folder_of_its_100_fine_classes(tmp_path: Path) -> None:
+    tarball = tmp_path / "mirror" / "c100.tar.gz"
+    tarball.parent.mkdir()
+    md5 = write_tarball(tarball, cifar100_members(per_class=4), base="cifar-100-python")
+    images = through_preprocess(tmp_path, "cifar100", tarball.as_uri(), md5)
+    assert json.loads((images / "classes.json").read_text()) == CIFAR100_FINE
+    assert len(json.loads((images / "normalization.json").read_text())["mean"]) == 3
+    assert len((images / "train.csv").read_text().splitlines()) == 1 + 300  # a quarter of 400 to val
+    assert len(list((images / "train").iterdir())) == 100  # one folder per class
+
+
+def test_a_cifar10_tarball_is_not_taken_for_cifar100(tarball, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "cifar-100-python.tar.gz").write_bytes(tarball[0].read_bytes())
+    with pytest.raises(StageError, match="is outside cifar-100-python/"):
+        extract(raw, tmp_path / "out", DATASETS["cifar100"])
+
+
+def test_the_idx_size_cap_is_what_refuses_absurd_headers(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(stages.datasets, "MAX_IDX_BYTES", 1000)
+    raw, out = corrupted(tmp_path, IDX_FILES[1], TRAIN_LABELS)
+    with pytest.raises(StageError, match="more than 1000"):
+        extract(raw, out, DATASETS["mnist"])
+
+
+@pytest.fixture(scope="module")
+def gray_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("mnist")
+    mirror = tmp / "mirror"
+    return through_preprocess(tmp, "mnist", str(mirror), write_idx_files(mirror, idx_payloads()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mnist_mlp", "lenet", "airbench"])
+def test_a_grayscale_folder_trains_evaluates_exports_and_predicts(gray_folder: Path, tmp_path: Path,
+                                                                  arch: str) -> None:
+    """Everything after preprocess takes channels, size and classes from the folder."""
+    from stages.evaluate import evaluate
+    from stages.export import export
+    from stages.params import EvaluateParams
+    from stages.predict import top_k
+    from tests.test_train import stage_dir, train
+
+    cwd = stage_dir(tmp_path, gray_folder, arch=arch, optimizer="adam", lr=0.003, flip=False,
+                    label_smoothing=0.0, epochs=8.0, batch_size=10, device="cpu")
+    result = train(cwd, "m")
+    assert result.returncode == 0, result.stderr
+    card = json.loads((cwd / "models/m/model.json").read_text())
+    assert card["input_size"] == [28, 28] and len(card["normalization"]["mean"]) == 1
+    evaluate(gray_folder, cwd / "metrics/eval", cwd / "plots/eval", [cwd / "models/m"],
+             EvaluateParams(batch_size=50, device="cpu", amp=False, misclassified=8))
+    accuracy = json.loads((cwd / "metrics/eval/m.json").read_text())["accuracy"]
+    assert accuracy >= 0.5, accuracy  # the fixture's digits are easy: a broken channel path is not
+    export(cwd / "models/m", cwd / "export")
+    digit = next((gray_folder / "test").glob("*/*.png"))
+    rgb = tmp_path / "digit_rgb.png"  # any mode and size: converted to the model's
+    Image.open(digit).convert("RGB").resize((56, 56)).save(rgb)
+    [(name, probability)] = top_k(cwd / "models/m", [rgb], 1)[0]
+    assert name in DATASETS["mnist"].classes and 0 < probability <= 1
