@@ -49,19 +49,24 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.time_to_accuracy
 
-# A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the overrides in
-# presets/<name>.yaml, checked against params.yaml, passed to `dvc exp run -S` (params.yaml
-# itself is left as it was). The README's Tutorials section lists them with measured results.
+# A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the committed
+# params.yaml with presets/<name>.yaml applied, checked, and passed to `dvc exp run -S` (keys a
+# previous experiment left changed in params.yaml are reset). The README's Tutorials section
+# lists them with measured results.
 tutorial-%: setup
-	args=$$($(PY) -m stages.params presets/$*.yaml) && dvc exp run -n $* $$args
+	mkdir -p .dvc/tmp && git show HEAD:params.yaml > .dvc/tmp/params-HEAD.yaml
+	$(PY) -m stages.params presets/$*.yaml .dvc/tmp/params-HEAD.yaml > .dvc/tmp/preset-$*.args
+	xargs -d '\n' -a .dvc/tmp/preset-$*.args dvc exp run -n $*
 
 # Offline: point params.yaml's download section at the copies in ../shared/data.
 # DATASET=cifar10 (default) rebuilds the official-format archive from its JPEGs (outside the
 # repository); DATASET=mnist uses the four official .gz files as they are.
 DATASET ?= cifar10
 SHARED_DATA := $(abspath ../shared/data)
-POINT = sed -i -e "s|^  dataset: [^ ]*|  dataset: $(DATASET)|" -e "s|^  url: [^ ]*|  url: $(1)|" \
-	-e "s|^  md5: [^ ]*|  md5: $(2)|" params.yaml && grep -E '^  (dataset|url|md5):' params.yaml
+POINT = sed -i -e "s|^  dataset: .*|  dataset: $(DATASET)  \# set by make local-data|" \
+	-e "s|^  url: .*|  url: $(1)  \# set by make local-data|" \
+	-e "s|^  md5: .*|  md5: $(2)  \# set by make local-data|" params.yaml && \
+	grep -E '^  (dataset|url|md5):' params.yaml
 
 local-data: setup
 ifeq ($(DATASET),cifar10)

@@ -264,18 +264,22 @@ def _require(ok: bool, key: str, expected: str, found: object) -> None:
                           f"(fix it in params.yaml or in `dvc exp run -S {key}=...`)")
 
 
-def preset_overrides(preset: Path, base: Path = PARAMS_FILE) -> list[str]:
-    """A preset's params (a YAML file of sections and keys, e.g. presets/mnist_mlp.yaml) as
-    `dvc exp run -S` arguments, after checking that `base` with them applied loads."""
+def preset_overrides(preset: Path, base: Path, workspace: Path = PARAMS_FILE) -> list[str]:
+    """`dvc exp run -S` arguments that turn `workspace` into `base` with a preset applied (a
+    YAML file of sections and keys, e.g. presets/mnist_mlp.yaml), checked to load first. Keys
+    that `workspace` holds differently from `base` are reset too: `dvc exp run` leaves the
+    last experiment's values in params.yaml, and a preset is defined on the committed file."""
     overrides = read_yaml(preset)
-    merged = read_yaml(base)
+    target = read_yaml(base)
     for section, keys in overrides.items():
-        if not isinstance(keys, dict) or not isinstance(merged.get(section), dict):
+        if not isinstance(keys, dict) or not isinstance(target.get(section), dict):
             raise ParamsError(f"{preset}: {section!r} must be a section of params.yaml holding keys")
-        merged[section] = {**merged[section], **keys}
-    build(Params, merged, "")
+        target[section] = {**target[section], **keys}
+    build(Params, target, "")
+    current = read_yaml(workspace)
     return [f"{section}.{key}={override_text(value)}"
-            for section, keys in overrides.items() for key, value in keys.items()]
+            for section, keys in target.items() for key, value in keys.items()
+            if key in overrides.get(section, {}) or current.get(section, {}).get(key) != value]
 
 
 def override_text(value: object) -> str:
@@ -287,11 +291,10 @@ def override_text(value: object) -> str:
     return yaml_text(value)
 
 
-if __name__ == "__main__":  # python -m stages.params PRESET: its `-S` arguments, one per line
+if __name__ == "__main__":  # python -m stages.params PRESET BASE: `-S` and its value, one a line
     import sys
 
     try:
-        print("\n".join(f"-S {item}" for item in preset_overrides(Path(sys.argv[1]))))
+        print("\n".join(f"-S\n{item}" for item in preset_overrides(Path(sys.argv[1]), Path(sys.argv[2]))))
     except StageError as err:
         raise SystemExit(f"error: {err}") from None
-

@@ -80,12 +80,18 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
         fit(training, None, checkpoint, lambda epoch, row: None)
         return {}
     with Live(str(outputs.live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        histograms: dict[str, list[dict]] = {"weights": [], "gradients": []}
+
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
             # DVCLive's step counts epochs from 1, the x axis of the `epochs` plots (a fractional
             # last epoch is step ceil(epochs)); replayed epochs of a resumed run come first
             live.step = epoch + 1
             for key, value in row.items():
                 live.log_metric(key, value)
+            if epoch == training.epoch - 1:  # the model is this epoch's (a replayed one: the last)
+                for kind, points in layer_histograms(training.model, epoch + 1).items():
+                    histograms[kind].extend(points)
+                    live.log_plot(kind, histograms[kind], x="value", y="count", template="histograms")
             live.next_step()  # writes the summary; DVC's tools see each epoch as it ends
 
         fit(training, data.val, checkpoint, log_epoch)
@@ -106,6 +112,27 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
 
 
 TIMINGS = ("train_seconds", "images_per_second", "wall_seconds")
+HISTOGRAM_BINS = 30
+
+
+def layer_histograms(model: nn.Module, epoch: int) -> dict[str, list[dict]]:
+    """Histograms of every conv and linear weight (the layers that matter: not biases or
+    norms) and of its last step's gradient, as DVCLive custom-plot rows. A few histc calls an
+    epoch: too cheap to be worth a switch (see the README)."""
+    rows: dict[str, list[dict]] = {"weights": [], "gradients": []}
+    for name, param in model.named_parameters():
+        if param.ndim < 2:
+            continue
+        for kind, tensor in (("weights", param), ("gradients", param.grad)):
+            if tensor is None:  # frozen (airbench's whitening) or not yet stepped
+                continue
+            values = tensor.detach().float().flatten().cpu()
+            low, high = values.min().item(), values.max().item()
+            width = max(high - low, 1e-12) / HISTOGRAM_BINS
+            counts = torch.histc(values, bins=HISTOGRAM_BINS, min=low, max=low + width * HISTOGRAM_BINS)
+            rows[kind] += [{"layer": name, "epoch": epoch, "value": round(low + (i + 0.5) * width, 8),
+                            "count": int(count)} for i, count in enumerate(counts.tolist())]
+    return rows
 
 
 def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:

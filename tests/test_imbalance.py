@@ -3,10 +3,8 @@ measured on a deliberately imbalanced training split, where the minority class's
 improve; and preprocess's `keep`, which makes such a split."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -82,15 +80,3 @@ def test_preprocess_keep_makes_an_imbalanced_training_split(batches_dir: Path, t
         preprocess(batches_dir, tmp_path / "other", PreprocessParams(0.0, 0, 1, {"kitten": 0.5}),
                    DATASETS["cifar10"])
     assert not (tmp_path / "other").exists()
-
-
-def test_the_choices_are_recorded_in_model_json(tmp_path: Path, image_folder: Path) -> None:
-    from tests.test_train import stage_dir, train
-
-    cwd = stage_dir(tmp_path, image_folder, arch="lenet", epochs=1.0, class_weights="balanced",
-                    sampler="balanced", device="cpu")
-    result = train(cwd, "m")
-    assert result.returncode == 0, result.stderr
-    params = json.loads((cwd / "models/m/model.json").read_text())["params"]
-    assert params["class_weights"] == "balanced" and params["sampler"] == "balanced"
-    np.testing.assert_equal(json.loads((cwd / "metrics/m.json").read_text())["epochs"], 1.0)

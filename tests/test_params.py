@@ -66,3 +66,21 @@ def test_unreadable_params_file_is_named(tmp_path: Path) -> None:
     path.write_text("train: [unclosed")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(path)
+
+
+def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp_path: Path) -> None:
+    from stages.params import preset_overrides
+
+    base = ROOT / "params.yaml"
+    workspace = write_params(tmp_path, lambda p: p["train"].update(batch_size=32, arch="lenet"))
+    overrides = preset_overrides(ROOT / "presets" / "mnist_airbench.yaml", base, workspace)
+    # the preset's own keys, and the two a previous experiment left behind, back to the base's
+    assert overrides == ["download.dataset=mnist", "train.arch=airbench", "train.epochs=3.0",
+                         "train.batch_size=1024", "train.flip=false", "finetune.epochs=1.0",
+                         "finetune.freeze_epochs=0"]
+    for preset in sorted((ROOT / "presets").glob("*.yaml")):  # every preset loads
+        assert preset_overrides(preset, base, base)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['train.lrr'\]"):
+        preset_overrides(bad, base, base)

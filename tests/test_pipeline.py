@@ -170,6 +170,8 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     steps = {row["filename"]: [] for row in curve["data"]["values"]}
     for row in curve["data"]["values"]:
         steps[row["filename"]].append(int(row["step"]))
+    histogram = plots["Weight histograms per epoch, train stage (conv and linear layers)"][0]
+    assert {row["epoch"] for row in histogram["content"]["data"]["values"]} == {1}
     # DVC names each line by its path less the common prefix (dvclive/)
     assert steps["train/plots/metrics/train/loss.tsv"] == [1]  # epochs counted from 1
 

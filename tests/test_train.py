@@ -59,6 +59,14 @@ def test_train_stage_is_deterministic_on_cpu(tmp_path: Path, image_folder: Path)
     assert curves[0] == "step\taccuracy" and len(curves) == 3
     for name in ("lr", "epoch_seconds", "images_per_second"):  # live progress, per epoch
         assert len((cwd / f"dvclive/a/plots/metrics/{name}.tsv").read_text().splitlines()) == 3
+    # weight and gradient histograms per epoch, per conv / linear layer (not the frozen stem's grads)
+    weights = json.loads((cwd / "dvclive/a/plots/custom/weights.json").read_text())
+    gradients = json.loads((cwd / "dvclive/a/plots/custom/gradients.json").read_text())
+    assert {r["epoch"] for r in weights} == {r["epoch"] for r in gradients} == {1, 2}
+    assert "whiten.weight" in {r["layer"] for r in weights} - {r["layer"] for r in gradients}
+    assert "head.weight" in {r["layer"] for r in gradients}
+    per_layer = sum(r["count"] for r in weights if r["layer"] == "head.weight" and r["epoch"] == 2)
+    assert per_layer == 256 * 10  # every weight counted once
     # DVCLive's step counts epochs from 1: the x axis of the epoch plots
     assert [line.split("\t")[0] for line in curves[1:]] == ["1", "2"]
     assert json.loads((cwd / "dvclive/a/metrics.json").read_text())["step"] == 2  # the last epoch
