@@ -11,19 +11,17 @@ epochs. Keys are matched by name and shape; the report of what loaded is printed
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from pathlib import Path
 
 import torch
 
 from stages.data import load_data
-from stages.devices import Precision, Ranks, Stopwatch
 from stages.loop import param_groups
 from stages.model import Architecture, ModelCard, build_model, load_weights
 from stages.outputs import StageError, stage_main
-from stages.params import FinetuneParams, TrainParams, load_params
-from stages.run import Outputs, run_stage, train_and_save
+from stages.params import Params, TrainParams, load_params
+from stages.run import print_summary, stage_paths, train_and_save, training_env
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 
@@ -96,39 +94,38 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def finetune(images_dir: Path, outputs: Outputs, ranks: Ranks, device: torch.device,
-             precision: Precision, watch: Stopwatch, *, tune: FinetuneParams,
-             params: TrainParams) -> dict:
-    torch.manual_seed(params.seed)
-    init = Path(tune.init)
-    loaded = read_state_dict(init)
-    data = load_data(images_dir, device, params.workers)
-    model = build_model(params.arch, len(data.classes), tuple(data.train_images.shape[1:]))
-    report = match_weights(model, loaded, init)
-    if ranks.main:
-        print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
-              f"{report['reinitialised']}, skipped {report['skipped']}")
-    model = model.to(device, memory_format=torch.channels_last)
-    groups = param_groups(model, tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
-                          freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
-    recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
-                "freeze_epochs": tune.freeze_epochs}
-    counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
-    return train_and_save(model, groups, params, data, device, precision, ranks, outputs,
-                          watch, recorded, report={**counts, "init_report": report})
+def loop_params(params: Params) -> TrainParams:
+    """Finetune runs train's loop: the train section's knobs (its seed too), with finetune's
+    own architecture (read from init's model.json), length, batch size and backbone lr."""
+    tune = params.finetune
+    return dataclasses.replace(params.train, arch=init_arch(Path(tune.init), tune.arch),
+                               epochs=tune.epochs, batch_size=tune.batch_size, lr=tune.lr)
 
 
 @stage_main
 def main() -> None:
-    params = load_params()
-    tune = params.finetune
-    # finetune runs train's loop: the train section's knobs (its seed too), with finetune's
-    # own overrides
-    arch = init_arch(Path(tune.init), tune.arch)
-    loop_params = dataclasses.replace(params.train, arch=arch, epochs=tune.epochs,
-                                      batch_size=tune.batch_size, lr=tune.lr)
-    run_stage("finetune", __doc__, loop_params,
-              functools.partial(finetune, tune=tune, params=loop_params))
+    all_params = load_params()
+    tune, params = all_params.finetune, loop_params(all_params)
+    images_dir, outputs = stage_paths(__doc__)
+    with training_env(params) as env:  # torchrun's ranks, the device and precision, the clock
+        torch.manual_seed(params.seed)
+        init = Path(tune.init)
+        loaded = read_state_dict(init)
+        data = load_data(images_dir, env.device, params.workers)
+        model = build_model(params.arch, len(data.classes), tuple(data.train_images.shape[1:]))
+        report = match_weights(model, loaded, init)
+        if env.ranks.main:
+            print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
+                  f"{report['reinitialised']}, skipped {report['skipped']}")
+        model = model.to(env.device, memory_format=torch.channels_last)
+        groups = param_groups(model, tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
+                              freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
+        recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
+                    "freeze_epochs": tune.freeze_epochs}
+        counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
+        metrics = train_and_save(model, groups, params, data, env, outputs, recorded,
+                                 report={**counts, "init_report": report})
+    print_summary("finetune", metrics, env)
 
 
 if __name__ == "__main__":

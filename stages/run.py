@@ -2,11 +2,12 @@
 curves, and the saved model (state_dict + JSON sidecar) and metrics."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,28 +32,6 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-Body = Callable[[Path, "Outputs", Ranks, torch.device, Precision, Stopwatch], dict]
-
-
-def run_stage(name: str, usage: str, params: TrainParams, body: Body) -> None:
-    """The main of train and finetune: paths from argv, torchrun's ranks (if any), the device
-    and precision (announced), the body, one summary line from rank 0."""
-    if len(sys.argv) != 6:
-        raise SystemExit(usage)
-    images_dir, *paths = map(Path, sys.argv[1:])
-    ranks, device = start(params.device, params.batch_size)
-    watch = Stopwatch(device)
-    precision = pick_precision(device, params.amp)
-    if ranks.main:
-        announce(device, precision)
-    try:
-        metrics = body(images_dir, Outputs(*paths), ranks, device, precision, watch)
-    finally:
-        stop()
-    if ranks.main:
-        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
-
-
 @dataclass(frozen=True)
 class Outputs:
     """Where a training stage writes, as dvc.yaml gives them on its command line."""
@@ -62,17 +41,53 @@ class Outputs:
     checkpoint: Path
 
 
+def stage_paths(usage: str) -> tuple[Path, Outputs]:
+    """IMAGES_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT from the command line."""
+    if len(sys.argv) != 6:
+        raise SystemExit(usage)
+    images_dir, *paths = map(Path, sys.argv[1:])
+    return images_dir, Outputs(*paths)
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where a training stage runs: torchrun's ranks (one plain process without it), the
+    device, the precision chosen for it, and the clock of the training time."""
+    ranks: Ranks
+    device: torch.device
+    precision: Precision
+    watch: Stopwatch
+
+
+@contextlib.contextmanager
+def training_env(params: TrainParams) -> Iterator[Env]:
+    """Start the ranks and pick device and precision (announced by rank 0); stop on exit."""
+    ranks, device = start(params.device, params.batch_size)
+    env = Env(ranks, device, pick_precision(device, params.amp), Stopwatch(device))
+    if ranks.main:
+        announce(device, env.precision)
+    try:
+        yield env
+    finally:
+        stop()
+
+
+def print_summary(name: str, metrics: dict, env: Env) -> None:
+    if env.ranks.main:
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+
+
 def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, data: Data,
-                   device: torch.device, precision: Precision, ranks: Ranks, outputs: Outputs,
-                   watch: Stopwatch, recorded: dict, report: dict) -> dict:
+                   env: Env, outputs: Outputs, recorded: dict, report: dict) -> dict:
     """Run the loop, then write model.pt, model.json and the metrics file; returns the metrics.
 
     `recorded` holds the stage's own params beyond `params` (saved in model.json, and part of
     the checkpoint fingerprint); `report` is added to the metrics file as it is. Under
     torchrun only rank 0 logs and writes; the other ranks return empty metrics.
     """
+    ranks, device, precision = env.ranks, env.device, env.precision
     loader = training_loader(params, data.train_images, data.train_labels, params.seed, ranks)
-    training = Training(model, groups, params, loader, device, precision, ranks, watch)
+    training = Training(model, groups, params, loader, device, precision, ranks, env.watch)
     checkpoint = Checkpoint(outputs.checkpoint,
                             fingerprint(params, data.fingerprint, recorded, ranks.world,
                                         device.type, precision.name))
@@ -96,7 +111,7 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
 
         fit(training, data.val, checkpoint, log_epoch)
     metrics = final_metrics(training, data, params)
-    metrics["wall_seconds"] = round(watch.wall_seconds(), 2)
+    metrics["wall_seconds"] = round(env.watch.wall_seconds(), 2)
     machine = hardware(device, precision)
     # no timings in model.json: the same weights make the same folder, and nothing downstream
     # of it goes stale (they are in the metrics file)
