@@ -126,7 +126,7 @@ def _check_row(row: list[str], resolve: _Resolver, num_classes: int, where: str)
     return path, int(label_text)
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None, channels: int = 3) -> Image.Image:
+def load_image(path: Path, channels: int, size: tuple[int, int] | None = None) -> Image.Image:
     """Open an image as RGB (3 channels) or grayscale (1), checking its size when `size`
     (width, height) is given."""
     try:
@@ -164,7 +164,7 @@ class CsvImageDataset(torch.utils.data.Dataset):
         return len(self.annotations.labels)
 
     def __getitem__(self, index: int) -> tuple[object, int]:
-        image = load_image(self.annotations.paths[index], channels=self.channels)
+        image = load_image(self.annotations.paths[index], self.channels)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.annotations.labels[index]
@@ -173,7 +173,7 @@ class CsvImageDataset(torch.utils.data.Dataset):
 def _decode_chunk(task: tuple[list[Path], tuple[int, int], int]) -> np.ndarray:
     """Decode a list of images to one uint8 N x H x W x C array (runs in a worker process)."""
     paths, size, channels = task
-    return np.stack([image_array(load_image(path, size, channels)) for path in paths])
+    return np.stack([image_array(load_image(path, channels, size)) for path in paths])
 
 
 def decode_split(csv_path: Path, root: Path, num_classes: int,
@@ -187,7 +187,7 @@ def decode_split(csv_path: Path, root: Path, num_classes: int,
     """
     annotations = read_annotations(csv_path, root, num_classes)
     channels = folder_channels(root)
-    size = load_image(annotations.paths[0], channels=channels).size
+    size = load_image(annotations.paths[0], channels).size
     paths = annotations.paths
     tasks = [(paths[i:i + DECODE_CHUNK], size, channels) for i in range(0, len(paths), DECODE_CHUNK)]
     with contextlib.ExitStack() as stack:

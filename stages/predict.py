@@ -28,7 +28,7 @@ def prepare(paths: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8 N x C x H x W from image files of any size and mode, converted to `shape`'s
     channels and resized (bilinear) to its height and width."""
     channels, height, width = shape
-    arrays = [image_array(load_image(p, channels=channels).resize((width, height), resample=2))
+    arrays = [image_array(load_image(p, channels).resize((width, height), resample=2))
               for p in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 

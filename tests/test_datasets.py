@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import stages.datasets
@@ -19,6 +20,7 @@ from stages.outputs import StageError
 from stages.params import DATASET_NAMES, DownloadParams, PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import CIFAR100_FINE, cifar100_members, write_tarball
+from tests.folder_format import write_folder
 from tests.idx_format import idx_bytes, idx_payloads, write_idx_files
 
 SPLIT = PreprocessParams(val_fraction=0.25, seed=0, workers=1)
@@ -161,40 +163,71 @@ def test_the_idx_size_cap_is_what_refuses_absurd_headers(monkeypatch, tmp_path: 
         extract(raw, out, DATASETS["mnist"])
 
 
+FOLDERS = {  # name -> (how to build it, (channels, height, width), classes)
+    "mnist": ("the real IDX format, through download, extract and preprocess", (1, 28, 28), 10),
+    "fashion_mnist": ("the real IDX format, through download, extract and preprocess", (1, 28, 28), 10),
+    "cifar100": ("the real python tarball, through download, extract and preprocess", (3, 32, 32), 100),
+    "custom_40x40_12": ("a user's own folder, written directly", (3, 40, 40), 12),
+}
+
+
 @pytest.fixture(scope="module")
-def gray_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("mnist")
-    mirror = tmp / "mirror"
-    return through_preprocess(tmp, "mnist", str(mirror), write_idx_files(mirror, idx_payloads()))
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    built = {}
+    for name in ("mnist", "fashion_mnist"):
+        tmp = tmp_path_factory.mktemp(name)
+        md5 = write_idx_files(tmp / "mirror", idx_payloads())
+        built[name] = through_preprocess(tmp, name, str(tmp / "mirror"), md5)
+    tmp = tmp_path_factory.mktemp("cifar100")
+    tarball = tmp / "c100.tar.gz"
+    md5 = write_tarball(tarball, cifar100_members(per_class=2), base="cifar-100-python")
+    built["cifar100"] = through_preprocess(tmp, "cifar100", str(tarball), md5)
+    built["custom_40x40_12"] = write_folder(tmp_path_factory.mktemp("custom") / "images", 3, 40, 12,
+                                            {"train": 8, "val": 2, "test": 3})
+    return built
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, balance", [("mnist_mlp", "none"), ("airbench", "balanced")])
-def test_a_grayscale_folder_trains_evaluates_exports_and_predicts(gray_folder: Path, tmp_path: Path,
-                                                                  arch: str, balance: str) -> None:
-    """Everything after preprocess takes channels, size and classes from the folder (lenet's
-    and resnet18's shapes: tests/test_model.py). The imbalance options are recorded."""
+@pytest.mark.parametrize("name, arch, balance, learnable", [
+    ("mnist", "mnist_mlp", "none", True),
+    ("mnist", "airbench", "balanced", True),
+    ("fashion_mnist", "mlp", "none", True),
+    ("cifar100", "lenet", "none", False),  # random pixels: nothing to learn, everything to shape
+    ("custom_40x40_12", "lenet", "none", True),  # resnet18's shapes: tests/test_model.py
+])
+def test_any_folder_trains_evaluates_exports_and_predicts(folders: dict[str, Path], tmp_path: Path,
+                                                          name: str, arch: str, balance: str,
+                                                          learnable: bool) -> None:
+    """Everything after preprocess takes channels, size and classes from the folder; nothing
+    assumes CIFAR-10's 3 x 32 x 32 and 10 classes. The imbalance options are recorded."""
     from stages.evaluate import evaluate
     from stages.export import export
     from stages.params import EvaluateParams
     from stages.predict import top_k
     from tests.test_train import stage_dir, train
 
-    cwd = stage_dir(tmp_path, gray_folder, arch=arch, optimizer="adam", lr=0.003, flip=False,
-                    label_smoothing=0.0, epochs=8.0, batch_size=10, device="cpu",
-                    class_weights=balance, sampler="balanced" if balance == "balanced" else "shuffle")
+    folder, (channels, height, width), num_classes = folders[name], *FOLDERS[name][1:]
+    cwd = stage_dir(tmp_path, folder, arch=arch, optimizer="adam", lr=0.003, flip=False,
+                    label_smoothing=0.0, epochs=(3.0 if arch == "airbench" else 6.0) if learnable else 1.0, batch_size=10,
+                    device="cpu", class_weights=balance,
+                    sampler="balanced" if balance == "balanced" else "shuffle")
     result = train(cwd, "m")
     assert result.returncode == 0, result.stderr
     card = json.loads((cwd / "models/m/model.json").read_text())
-    assert card["input_size"] == [28, 28] and len(card["normalization"]["mean"]) == 1
-    assert card["params"]["class_weights"] == balance
-    evaluate(gray_folder, cwd / "metrics/eval", cwd / "plots/eval", [cwd / "models/m"],
+    assert card["input_size"] == [height, width] and len(card["normalization"]["mean"]) == channels
+    assert len(card["classes"]) == num_classes and card["params"]["class_weights"] == balance
+    evaluate(folder, cwd / "metrics/eval", cwd / "plots/eval", [cwd / "models/m"],
              EvaluateParams(batch_size=50, device="cpu", amp=False, misclassified=8))
     accuracy = json.loads((cwd / "metrics/eval/m.json").read_text())["accuracy"]
-    assert accuracy >= 0.3, accuracy  # chance is 0.1: a broken channel path stays near it
+    confusion = (cwd / "plots/eval/m/confusion.csv").read_text().splitlines()
+    assert len(confusion) == 1 + num_classes ** 2
+    if learnable:
+        assert accuracy >= 3 / num_classes, accuracy  # chance is 1 / classes: a broken path stays near it
     export(cwd / "models/m", cwd / "export")
-    digit = next((gray_folder / "test").glob("*/*.png"))
-    rgb = tmp_path / "digit_rgb.png"  # any mode and size: converted to the model's
-    Image.open(digit).convert("RGB").resize((56, 56)).save(rgb)
-    [(name, probability)] = top_k(cwd / "models/m", [rgb], 1)[0]
-    assert name in DATASETS["mnist"].classes and 0 < probability <= 1
+    program = torch.export.load(cwd / "export" / "model.pt2").module()
+    assert program(torch.rand(2, channels, height, width)).shape == (2, num_classes)
+    image = next((folder / "test").glob("*/*.png"))
+    other = tmp_path / "other.png"  # any mode and size: converted to the model's
+    Image.open(image).convert("RGB").resize((2 * width, height)).save(other)
+    [(predicted, probability)] = top_k(cwd / "models/m", [other], 1)[0]
+    assert predicted in card["classes"] and 0 < probability <= 1
