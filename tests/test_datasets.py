@@ -19,7 +19,7 @@ from stages.extract import extract
 from stages.outputs import StageError
 from stages.params import DATASET_NAMES, DownloadParams, PreprocessParams
 from stages.preprocess import preprocess
-from tests.cifar_format import CIFAR100_FINE, cifar100_members, write_tarball
+from tests.cifar_format import CIFAR100_FINE, cifar100_members, dumps_py2, write_tarball
 from tests.folder_format import write_folder
 from tests.idx_format import idx_bytes, idx_payloads, write_idx_files
 
@@ -231,3 +231,23 @@ def test_any_folder_trains_evaluates_exports_and_predicts(folders: dict[str, Pat
     Image.open(image).convert("RGB").resize((2 * width, height)).save(other)
     [(predicted, probability)] = top_k(cwd / "models/m", [other], 1)[0]
     assert predicted in card["classes"] and 0 < probability <= 1
+
+
+@pytest.mark.parametrize("member, payload, message", [
+    ("meta", b"cos\nsystem\n(S'echo owned'\ntR.", "meta: refuses to load global os.system"),
+    ("meta", dumps_py2({b"coarse_label_names": [b"a"]}), "expected key 'fine_label_names'"),
+    ("train", dumps_py2({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 2, 100]}),
+     "label 100 at row 3 is outside \\[0, 100\\)"),
+    ("test", dumps_py2({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1]}),
+     "2 labels for 4 images"),
+    ("test", dumps_py2({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}),
+     "missing key 'fine_labels'"),
+])
+def test_bad_cifar100_members_are_refused_naming_the_file(tmp_path: Path, member, payload, message) -> None:
+    tarball = tmp_path / "raw" / "cifar-100-python.tar.gz"
+    tarball.parent.mkdir()
+    write_tarball(tarball, {**cifar100_members(), member: payload}, base="cifar-100-python")
+    extract(tarball.parent, tmp_path / "extracted", DATASETS["cifar100"])
+    with pytest.raises(StageError, match=message) as err:
+        preprocess(tmp_path / "extracted", tmp_path / "images", SPLIT, DATASETS["cifar100"])
+    assert f"extracted/{member}" in str(err.value) and not (tmp_path / "images").exists()
