@@ -1,7 +1,7 @@
 """Benchmarks: each figure beside its baseline, measured in the same process.
 
 usage: python -m bench.run [IMAGES_DIR] [BATCHES_DIR]   (defaults: data/images,
-       data/extracted/cifar-10-batches-py, as `make repro` leaves them)
+       data/extracted/cifar10, as `make repro` leaves them)
 
 1. data delivery per epoch: decode-once device loader vs CsvImageDataset + DataLoader
 2. preprocess: parallel PNG writer vs one process
@@ -20,11 +20,12 @@ import torch
 import torchvision.transforms as T
 
 from stages.data import BatchLoader, CsvImageDataset, decode_split, normalize, read_classes, read_normalization
+from stages.datasets import DATASETS
 from stages.devices import pick_precision
 from stages.loop import Training, param_groups
 from stages.model import build_model
-from stages.params import load_params
-from stages.preprocess import build_splits, write_images
+from stages.params import PreprocessParams, load_params
+from stages.preprocess import build_splits, read_source, write_images
 
 BATCH = 1024
 TUTORIAL_STEPS = 300  # batches of 16 timed for the tutorials' recipe
@@ -68,7 +69,8 @@ def bench_preprocess(batches_dir: Path) -> None:
     """In RAM (/dev/shm where there is one): on this machine's virtual disk the time to create
     10,000 small files swung from 0.3 s to 3.4 s between identical runs, drowning the encoder.
     Alternating runs, median of each."""
-    splits, classes = build_splits(batches_dir, 0.1, seed=0)
+    source = read_source(batches_dir, DATASETS["cifar10"])
+    splits, classes = build_splits(source, PreprocessParams(val_fraction=0.1, seed=0, workers=1)), source.classes
     test = [s for s in splits if s.name == "test"]
     ram = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     times: dict[int, list[float]] = {1: [], 2: []}
@@ -128,7 +130,7 @@ def bench_training(images_dir: Path) -> None:
 
 def main() -> None:
     images_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/images")
-    batches_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("data/extracted/cifar-10-batches-py")
+    batches_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("data/extracted/cifar10")
     if not (images_dir / "train.csv").exists() or not batches_dir.is_dir():
         raise SystemExit(f"bench: needs {images_dir} and {batches_dir}; run `make repro` first")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
