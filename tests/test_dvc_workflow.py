@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +41,12 @@ def test_queued_sweep_runs_and_compares(project: Path, tarball) -> None:
     repo = committed_pipeline(project, tarball)
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.5,1.0")
     try:
-        dvc(repo, "queue", "start", "-j", "2")
+        # not through a pipe: the workers it starts could hold a captured stdout open, and
+        # reading it to its end would then wait for them (seen once: a run hung here)
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120)
         status = wait_for_queue(repo)
     finally:
         dvc(repo, "queue", "stop", "--kill", check=False)
