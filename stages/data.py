@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
+from stages.folder import CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE
 from stages.outputs import StageError
 
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
-MODES = {1: "L", 3: "RGB"}  # PIL's mode for each channel count the folder may hold
 
 
 @dataclass(frozen=True)

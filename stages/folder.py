@@ -7,3 +7,5 @@ split's per-channel mean and std. Torch-free, so that preprocess does not import
 CSV_HEADER = ("path", "label", "class_name")
 CLASSES_FILE = "classes.json"
 NORMALIZATION_FILE = "normalization.json"
+# PIL's mode for each channel count a folder (and a model trained on one) may have
+MODES = {1: "L", 3: "RGB"}

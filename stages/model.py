@@ -27,6 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
+from stages.folder import MODES
 from stages.outputs import StageError, atomic_dir
 from stages.params import ARCH_NAMES
 
@@ -288,7 +289,7 @@ class ModelCard:
         if len(self.input_size) != 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):
             raise ValueError(f"input_size must be [height, width], found {self.input_size}")
         mean, std = self.normalization["mean"], self.normalization["std"]
-        if len(mean) not in (1, 3) or len(std) != len(mean):
+        if len(mean) not in MODES or len(std) != len(mean):
             raise ValueError(f"normalization must give 1 or 3 means and stds, found {self.normalization}")
 
     def to_json(self) -> str:
