@@ -1,13 +1,20 @@
-"""Benchmark 4: test accuracy and train-stage wall time with the default params, per seed.
+"""Benchmark 4: time to accuracy, airbench94's recipe (the baseline) beside the default.
 
-usage: python -m bench.time_to_accuracy [IMAGES_DIR] [SEEDS...] [SECTION.KEY=VALUE...]
-       (default: data/images 0 1 2; e.g. `train.ema_every=0` runs an ablation)
+usage: python -m bench.time_to_accuracy [IMAGES_DIR] [--seeds 0 1 2] [--recipes airbench94 default]
+                                        [--set SECTION.KEY=VALUE ...]
+       (IMAGES_DIR defaults to data/images, as `make repro` leaves it; --set changes the default
+       recipe only, e.g. `--set train.ema_every=0` for an ablation)
 
-Runs the real train stage (`python -m stages.train`, everything it does counts) once per seed
-in a scratch directory, then scores its model on the test split with the stage's TTA.
+Runs the real train stage (`python -m stages.train`: everything it does counts, from start-up
+and decoding to the final validation) once per seed and recipe, seeds interleaved so that a
+machine whose speed drifts slows both alike, each in a scratch directory; then scores its model
+on the test split with the recipe's TTA. Prints each run, then per recipe the test accuracy's
+mean and spread (sample standard deviation), the train stage's mean time, its ratio to the
+baseline's, and one training step's achieved GFLOP/s against this machine's matmul peak.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -15,27 +22,48 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from bench.flops import matmul_peak, step_throughput
 from stages.data import decode_split, normalize, read_classes
-from stages.devices import pick_precision
+from stages.devices import cpu_summary, pick_precision
 from stages.loop import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.model import load_trained
-from stages.params import load_params
+from stages.params import Params, build, read_yaml, with_preset
 
 ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "airbench94"  # presets/airbench94.yaml: the default until #13
+GOAL_RATIO = 0.5
 
 
-def train_once(images_dir: Path, seed: int, overrides: dict[str, object], work: Path) -> float:
-    """Run the train stage with `seed` and `overrides`; returns its wall time in seconds."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["seed"] = seed
-    for key, value in overrides.items():
+@dataclass
+class Recipe:
+    name: str
+    params: dict  # a whole params.yaml, as a mapping
+    accuracies: list[float] = field(default_factory=list)
+    stage_seconds: list[float] = field(default_factory=list)
+    training_seconds: list[float] = field(default_factory=list)
+
+
+def recipe_params(name: str, changes: dict[str, object]) -> dict:
+    """`default` is params.yaml with `changes`; any other name is that preset on params.yaml."""
+    if name != "default":
+        return with_preset(ROOT / "presets" / f"{name}.yaml", ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
+    for key, value in changes.items():
         section, name = key.split(".")
         params[section][name] = value
+    build(Params, params, "")
+    return params
+
+
+def train_once(images_dir: Path, params: dict, seed: int, work: Path) -> float:
+    """Run the train stage in `work` with `params` and `seed`; returns its wall time in seconds."""
+    params = {**params, "train": {**params["train"], "seed": seed}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -55,28 +83,61 @@ def test_accuracies(images_dir: Path, model_dir: Path) -> dict[str, float]:
     return {level: loss_and_accuracy(logits, labels)[1] for level, logits in levels.items()}
 
 
+def run(recipe: Recipe, images_dir: Path, seed: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds = train_once(images_dir, recipe.params, seed, Path(tmp))
+        levels = test_accuracies(images_dir, Path(tmp) / "model")
+        stage = json.loads((Path(tmp) / "metrics.json").read_text())
+    tta = recipe.params["train"]["tta"]
+    recipe.accuracies.append(levels[tta])
+    recipe.stage_seconds.append(seconds)
+    recipe.training_seconds.append(stage["train_seconds"])
+    others = ", ".join(f"{level} {acc:.4f}" for level, acc in levels.items() if level != tta)
+    print(f"{recipe.name} seed {seed}: test accuracy ({tta}) {levels[tta]:.4f} ({others}), train "
+          f"stage {seconds:.0f} s (training {stage['train_seconds']:.0f} s)", flush=True)
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(recipes: list[Recipe], peak: float) -> list[str]:
+    base = next((r for r in recipes if r.name == BASELINE), recipes[0])
+    base_s = statistics.mean(base.stage_seconds)
+    lines = [f"{'recipe':<12} {'test accuracy':>17} {'train stage s':>14} {'training s':>11} "
+             f"{'time ratio':>11} {'step GFLOP/s':>13} {'of peak':>8}"]
+    for recipe in recipes:
+        train = recipe.params["train"]
+        flops_per_s = step_throughput(train["arch"], train["batch_size"], train["amp"])
+        stage_s = statistics.mean(recipe.stage_seconds)
+        lines.append(f"{recipe.name:<12} {statistics.mean(recipe.accuracies):>8.4f} +- "
+                     f"{spread(recipe.accuracies):.4f} {stage_s:>14.0f} "
+                     f"{statistics.mean(recipe.training_seconds):>11.0f} {stage_s / base_s:>11.2f} "
+                     f"{flops_per_s / 1e9:>13.0f} {flops_per_s / peak:>8.2f}")
+    return lines
+
+
 def main() -> None:
-    images_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/images")
-    args = sys.argv[2:]
-    seeds = [int(a) for a in args if "=" not in a] or [0, 1, 2]
-    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args if "=" in a)}
-    tta = overrides.get("train.tta", load_params(ROOT / "params.yaml").train.tta)
-    if overrides:
-        print(f"overrides: {overrides}")
-    accuracies, seconds = [], []
-    for seed in seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            seconds.append(train_once(images_dir, seed, overrides, Path(tmp)))
-            levels = test_accuracies(images_dir, Path(tmp) / "model")
-            accuracies.append(levels[tta])
-            stage = json.loads((Path(tmp) / "metrics.json").read_text())
-        others = ", ".join(f"{level} {acc:.4f}" for level, acc in levels.items() if level != tta)
-        print(f"seed {seed}: test accuracy ({tta}) {accuracies[-1]:.4f} ({others}), train stage "
-              f"{seconds[-1]:.0f} s (training {stage['train_seconds']:.0f} s)", flush=True)
-    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    print(f"4. time to accuracy over seeds {seeds}: test accuracy {statistics.mean(accuracies):.4f} "
-          f"+- {spread:.4f}, train stage {statistics.mean(seconds):.0f} s "
-          f"(min {min(seconds):.0f}, max {max(seconds):.0f}); goal >= 0.91 within 450 s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images_dir", nargs="?", type=Path, default=Path("data/images"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", default=[BASELINE, "default"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args()
+    if not (args.images_dir / "train.csv").exists():
+        raise SystemExit(f"bench: needs {args.images_dir}; run `make repro` first")
+    changes = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.set)}
+    recipes = [Recipe(name, recipe_params(name, changes)) for name in args.recipes]
+    print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"seeds {args.seeds}; default changed by {changes or 'nothing'}", flush=True)
+    for seed in args.seeds:
+        for recipe in recipes:
+            run(recipe, args.images_dir, seed)
+    peak = matmul_peak(pick_precision(torch.device("cpu"), "auto").dtype)
+    print(f"matmul peak ({pick_precision(torch.device('cpu'), 'auto').name}, measured): "
+          f"{peak / 1e9:.0f} GFLOP/s")
+    print("\n".join(table(recipes, peak)))
+    print(f"goal: the default's time ratio <= {GOAL_RATIO} at a mean test accuracy >= {BASELINE}'s")
 
 
 if __name__ == "__main__":

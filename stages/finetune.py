@@ -7,6 +7,8 @@ Starts from `finetune.init` (the train stage's model, or a user's file such as t
 ImageNet ResNet-18 weights) and runs train's loop with per-group learning rates: the head at
 `finetune.head_lr`, the backbone at `finetune.lr` after `finetune.freeze_epochs` head-only
 epochs. Keys are matched by name and shape; the report of what loaded is printed and saved.
+With `train.optimizer: muon` every group steps by SGD (lr and head_lr are SGD rates): Muon's
+fixed-size steps are for training from scratch.
 """
 from __future__ import annotations
 

@@ -50,24 +50,31 @@ class Group:
     weight_decay: float
     start: int = 0
     stop: int | None = None
+    orthogonal: bool = False  # stepped by Muon (conv filters, with optimizer muon)
 
     def trains_in(self, epoch: int) -> bool:
         return epoch >= self.start and (self.stop is None or epoch < self.stop)
 
 
 def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: float,
-                 bias_lr_scale: float, freeze_epochs: int, whiten_bias_epochs: int) -> list[Group]:
+                 bias_lr_scale: float, freeze_epochs: int, whiten_bias_epochs: int,
+                 muon_lr: float | None = None) -> list[Group]:
     """Group the trainable parameters by the role the architecture gives each (model.py).
 
     "norm_bias" (airbench's frozen-scale BatchNorm biases) trains at lr * bias_lr_scale (64
     there), its weight decay divided by the same factor so that the per-step decay lr * wd
     stays that of the rest; "stem_bias" likewise, and only until `whiten_bias_epochs`. The
-    backbone waits `freeze_epochs` (finetune).
+    backbone waits `freeze_epochs` (finetune). With `muon_lr`, the backbone's conv filters
+    form their own group, stepped by Muon at that rate, without weight decay (Muon keeps
+    their norm fixed instead).
     """
-    buckets: dict[str, list[nn.Parameter]] = {"head": [], "norm_bias": [], "stem_bias": [], "backbone": []}
+    buckets: dict[str, list[nn.Parameter]] = {
+        "head": [], "norm_bias": [], "stem_bias": [], "backbone": [], "filters": []}
     parameters = dict(model.named_parameters())
     for name, role in model.roles().items():
-        buckets[role].append(parameters[name])
+        param = parameters[name]
+        filters = muon_lr is not None and role == "backbone" and param.ndim == 4
+        buckets["filters" if filters else role].append(param)
     groups = [
         Group("head", buckets["head"], head_lr, weight_decay),
         Group("norm_bias", buckets["norm_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
@@ -75,14 +82,17 @@ def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: f
         Group("stem_bias", buckets["stem_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
               start=freeze_epochs, stop=max(freeze_epochs, whiten_bias_epochs)),
         Group("backbone", buckets["backbone"], lr, weight_decay, start=freeze_epochs),
+        Group("filters", buckets["filters"], muon_lr or 0.0, 0.0, start=freeze_epochs, orthogonal=True),
     ]
     return [g for g in groups if g.params]
 
 
 def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
-    """The groups of a run from scratch: everything trains from the start at `lr`."""
+    """The groups of a run from scratch: everything trains from the start at `lr` (the conv
+    filters at `muon_lr` with optimizer muon)."""
     return param_groups(model, params.lr, params.lr, params.weight_decay, params.bias_lr_scale,
-                        freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs)
+                        freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs,
+                        muon_lr=params.muon_lr if params.optimizer == "muon" else None)
 
 
 def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -129,9 +139,67 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
 
 def make_optimizer(params: TrainParams, groups: list[Group]) -> torch.optim.Optimizer:
     specs = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups]
+    if params.optimizer == "muon":
+        for group, spec in zip(groups, specs):
+            if group.orthogonal:
+                spec.update(orthogonal=True, momentum=params.muon_momentum)
+        return Muon(specs, momentum=params.momentum, nesterov=params.nesterov)
     if params.optimizer == "sgd":
         return torch.optim.SGD(specs, momentum=params.momentum, nesterov=params.nesterov)
     return torch.optim.Adam(specs, betas=(params.momentum, 0.999))
+
+
+# Newton-Schulz: a quintic whose coefficients maximise the slope at zero (airbench94_muon's):
+# three iterations take every singular value of a norm-1 matrix into roughly [0.5, 1.5].
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 3
+
+
+def orthogonalize(update: torch.Tensor) -> torch.Tensor:
+    """About U V^T of the matrix's SVD U S V^T: its direction with every singular value ~1.
+    In float32: a few GFLOP a step, against a training step's ~1 TFLOP."""
+    a, b, c = NEWTON_SCHULZ
+    x = update.float()
+    x = x / (x.norm() + 1e-7)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with momentum, except for `orthogonal` groups (conv filters), which step along
+    their orthogonalised momentum (Muon; KellerJordan/cifar10-airbench's airbench94_muon):
+    every direction of the filter bank moves at the same rate, so the same accuracy takes
+    fewer steps. Their weights are rescaled to norm sqrt(output channels) before each step (a
+    filter's norm is 1 on average), so `lr` is a relative step size and they need no weight
+    decay."""
+
+    def __init__(self, specs: list[dict], momentum: float, nesterov: bool) -> None:
+        super().__init__(specs, {"momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0,
+                                 "orthogonal": False})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad.add(param, alpha=group["weight_decay"]) if group["weight_decay"] else param.grad
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(momentum).add_(grad)
+                buffer = state["momentum_buffer"]
+                update = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                if group["orthogonal"]:
+                    param.mul_(len(param) ** 0.5 / param.norm())
+                    update = orthogonalize(update.reshape(len(param), -1)).view_as(param)
+                param.add_(update, alpha=-lr)
 
 
 class WeightAverage:
@@ -212,6 +280,9 @@ class Training:
     def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
                  loader: BatchLoader, device: torch.device, precision: Precision,
                  ranks: Ranks = Ranks(), watch: Stopwatch | None = None) -> None:
+        if params.progressive_from and not getattr(model, "ANY_SIZE", False):
+            raise StageError(f"train.progressive_from: {type(model).__name__} takes only its input "
+                             "size; set it to 0 (progressive resizing needs airbench or resnet18)")
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
         self.device, self.precision, self.ranks = device, precision, ranks
         # the training time, airbench's way: sections timed by the stage (whitening), the
@@ -269,9 +340,23 @@ class Training:
             decay = EMA_DECAY_BASE ** every * progress ** EMA_DECAY_POW
             self.average.update(self.model, decay)
 
+    def image_size(self) -> tuple[int, int] | None:
+        """This epoch's training image size under progressive resizing (None: full size): the
+        first epoch at `progressive_from` pixels high, growing linearly to the full height at
+        `progressive_until` of the epochs. Fewer pixels, proportionally fewer FLOPs, while the
+        network learns the coarse features that need no detail."""
+        height, width = self.loader.images.shape[-2:]
+        ramp = self.params.progressive_until * self.params.epochs
+        start = self.params.progressive_from
+        if not start or self.epoch >= ramp or start >= height:
+            return None
+        side = round(start + (height - start) * self.epoch / ramp)
+        return side, round(width * side / height)
+
     def run_epoch(self) -> dict[str, float]:
         """One pass over the loader; returns train loss/accuracy read once at the end."""
         self.start_groups()
+        size = self.image_size()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -282,6 +367,8 @@ class Training:
             if self.step >= self.total_steps:
                 break
             self.set_lr()
+            if size is not None:
+                images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
             logits, loss = self.train_step(images, labels)
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)

@@ -40,6 +40,7 @@ class Architecture(nn.Module):
 
     HEAD: str = ""
     STEM: tuple[str, ...] = ()
+    ANY_SIZE = False  # trains on any image size from 16x16 up (progressive resizing needs it)
 
     def roles(self) -> dict[str, str]:
         return {name: "head" if name.startswith(self.HEAD) else "backbone"
@@ -120,6 +121,7 @@ class ResNet18(torchvision.models.ResNet, Architecture):
 
     HEAD = "fc."
     STEM = ("conv1.weight",)
+    ANY_SIZE = True
 
     def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
@@ -174,6 +176,7 @@ class AirbenchNet(Architecture):
 
     HEAD = "head."
     STEM = ("whiten.weight", "whiten.bias")
+    ANY_SIZE = True
     WHITEN_KERNEL = 2
     WIDTHS = (64, 256, 256)
     LOGIT_SCALE = 1 / 9

@@ -71,16 +71,22 @@ class TrainParams:
     arch: Literal[ARCH_NAMES]
     epochs: float  # may be fractional, as airbench's 9.9: the last epoch stops early
     batch_size: int
-    optimizer: Literal["sgd", "adam"]
+    optimizer: Literal["sgd", "adam", "muon"]  # muon: conv filters by Muon, the rest by SGD
     lr: float  # per step for this batch_size
     momentum: float
     nesterov: bool
+    muon_lr: float  # optimizer muon: the conv filters' step (their weights have unit-RMS rows)
+    muon_momentum: float
     weight_decay: float
     bias_lr_scale: float  # BatchNorm biases train with lr * this (airbench: 64)
     label_smoothing: float
     schedule: Literal["triangle", "cosine", "constant"]
     warmup: float  # share of steps spent ramping the lr up
     crop_padding: int  # pixels of reflect padding for random crops; 0 turns crops off
+    # progressive resizing: the first epoch trains on images downscaled to this side length,
+    # growing each epoch to the full size at `progressive_until` of the epochs; 0 turns it off
+    progressive_from: int
+    progressive_until: float
     flip: bool
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
@@ -109,6 +115,13 @@ class TrainParams:
         _require(0 <= self.warmup < 1, f"{section}.warmup", "a number in [0, 1)", self.warmup)
         _require(0 <= self.crop_padding <= 8, f"{section}.crop_padding", "an integer in [0, 8]",
                  self.crop_padding)
+        _require(self.muon_lr > 0, f"{section}.muon_lr", "a number > 0", self.muon_lr)
+        _require(0 <= self.muon_momentum < 1, f"{section}.muon_momentum", "a number in [0, 1)",
+                 self.muon_momentum)
+        _require(self.progressive_from == 0 or self.progressive_from >= 16, f"{section}.progressive_from",
+                 "0 (off) or a side length >= 16 pixels", self.progressive_from)
+        _require(0 < self.progressive_until <= 1, f"{section}.progressive_until", "a share in (0, 1]",
+                 self.progressive_until)
         _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
         _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
         _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",
@@ -270,16 +283,22 @@ def preset_overrides(preset: Path, base: Path, workspace: Path = PARAMS_FILE) ->
     that `workspace` holds differently from `base` are reset too: `dvc exp run` leaves the
     last experiment's values in params.yaml, and a preset is defined on the committed file."""
     overrides = read_yaml(preset)
-    target = read_yaml(base)
-    for section, keys in overrides.items():
-        if not isinstance(keys, dict) or not isinstance(target.get(section), dict):
-            raise ParamsError(f"{preset}: {section!r} must be a section of params.yaml holding keys")
-        target[section] = {**target[section], **keys}
-    build(Params, target, "")
+    target = with_preset(preset, base)
     current = read_yaml(workspace)
     return [f"{section}.{key}={override_text(value)}"
             for section, keys in target.items() for key, value in keys.items()
             if key in overrides.get(section, {}) or current.get(section, {}).get(key) != value]
+
+
+def with_preset(preset: Path, base: Path) -> dict:
+    """params.yaml `base` with a preset's keys applied, as a mapping; checked to load."""
+    target = read_yaml(base)
+    for section, keys in read_yaml(preset).items():
+        if not isinstance(keys, dict) or not isinstance(target.get(section), dict):
+            raise ParamsError(f"{preset}: {section!r} must be a section of params.yaml holding keys")
+        target[section] = {**target[section], **keys}
+    build(Params, target, "")
+    return target
 
 
 def override_text(value: object) -> str:

@@ -272,3 +272,73 @@ def test_fp16_trains_with_a_loss_scaler_and_resumes_it(tmp_path) -> None:
     assert all(math.isfinite(row["train/loss"]) for row in training.history)
     saved = load_weights(tmp_path / "c.pt")["scaler"]
     assert saved["scale"] == training.scaler.get_scale()
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (576, 64), (256, 2304)])
+def test_orthogonalize_sets_every_singular_value_near_one(shape) -> None:
+    """Singular values spread over a decade come out in the quintic's band around 1 (three
+    iterations: not exactly 1, by design)."""
+    torch.manual_seed(0)
+    k = min(shape)
+    left, right = torch.linalg.qr(torch.randn(shape[0], k))[0], torch.linalg.qr(torch.randn(shape[1], k))[0]
+    matrix = left @ torch.diag(torch.logspace(-1, 0, k)) @ right.T
+    singular = torch.linalg.svdvals(loop.orthogonalize(matrix))
+    assert singular.min() > 0.5 and singular.max() < 1.25
+
+
+def test_muon_steps_filters_orthogonally_and_everything_else_as_sgd() -> None:
+    """The Muon optimizer's SGD groups match torch's SGD exactly; its filter groups keep their
+    norm at sqrt(output channels) and move by lr along an orthogonalised direction."""
+    torch.manual_seed(0)
+    conv, bias = torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(8))
+    twin = torch.nn.Parameter(bias.detach().clone())
+    muon = loop.Muon([{"params": [conv], "lr": 0.1, "weight_decay": 0.0, "orthogonal": True,
+                       "momentum": 0.6},
+                      {"params": [bias], "lr": 0.05, "weight_decay": 0.01}], momentum=0.85, nesterov=True)
+    sgd = torch.optim.SGD([twin], lr=0.05, weight_decay=0.01, momentum=0.85, nesterov=True)
+    for _ in range(3):
+        before = conv.detach().clone()
+        for param in (conv, bias, twin):
+            param.grad = torch.randn_like(param)
+        twin.grad = bias.grad.clone()
+        muon.step()
+        sgd.step()
+        step = (before * 8 ** 0.5 / before.norm() - conv.detach()).reshape(8, -1) / 0.1
+        assert torch.linalg.svdvals(step).min() > 0.3  # every direction moved: orthogonalised
+        assert torch.allclose(bias, twin)
+    assert conv.norm().item() == pytest.approx(8 ** 0.5, rel=0.05)  # renormalised, then one step
+
+
+def test_optimizer_muon_gives_the_conv_filters_their_own_group() -> None:
+    params = train_params(optimizer="muon", muon_lr=0.2, muon_momentum=0.6)
+    model = AirbenchNet(10, 3, 32, 32)
+    training = Training(model, loop.scratch_groups(model, params), params,
+                        BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
+                                    drop_last=True, seed=0), CPU, pick_precision(CPU, False))
+    filters = next(g for g in training.groups if g.orthogonal)
+    assert {id(p) for p in filters.params} == {id(p) for p in model.parameters() if p.ndim == 4 and p.requires_grad}
+    spec = training.optimizer.param_groups[training.groups.index(filters)]
+    assert (spec["lr"], spec["momentum"], spec["weight_decay"]) == (0.2, 0.6, 0.0)
+    assert all(not g.orthogonal for g in param_groups(model, 1.0, 1.0, 0.0, 1.0, 0, 0))  # finetune: SGD
+
+
+def test_progressive_resizing_grows_the_images_to_full_size_and_trains_on_them() -> None:
+    training = airbench_training(epochs=4.0, progressive_from=16, progressive_until=0.5)
+    seen = []
+    training.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    sizes = []
+    for _ in range(4):
+        sizes.append(training.image_size())
+        training.run_epoch()
+        training.epoch += 1
+    assert sizes == [(16, 16), (24, 24), None, None]  # full size (32) from half the epochs on
+    assert seen == [16, 16, 24, 24, 32, 32, 32, 32]  # 2 steps an epoch
+
+
+def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
+    params = train_params(arch="lenet", progressive_from=16)
+    model = build_model("lenet", 2, (3, 32, 32))
+    with pytest.raises(StageError, match="progressive_from: LeNet takes only its input size"):
+        Training(model, loop.scratch_groups(model, params), params,
+                 BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
+                             drop_last=True, seed=0), CPU, pick_precision(CPU, False))

@@ -48,6 +48,10 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["train"].update(seed=-1), "train.seed must be an integer >= 0"),
     (lambda p: p.update(train=[1, 2]), "train must be a mapping"),
     (lambda p: p["finetune"].update(freeze_epochs=5), "finetune.freeze_epochs"),
+    (lambda p: p["train"].update(optimizer="lion"), "train.optimizer must be one of"),
+    (lambda p: p["train"].update(muon_momentum=1.0), "train.muon_momentum must be a number in [0, 1)"),
+    (lambda p: p["train"].update(progressive_from=8), "train.progressive_from must be 0 (off) or a side length >= 16"),
+    (lambda p: p["train"].update(progressive_until=0), "train.progressive_until must be a share in (0, 1]"),
 ])
 def test_bad_params_are_refused_with_the_full_key(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(ParamsError) as err:
@@ -84,3 +88,22 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
     bad.write_text("train:\n  lrr: 0.1\n")
     with pytest.raises(ParamsError, match=r"unknown key\(s\) \['train.lrr'\]"):
         preset_overrides(bad, base, base)
+
+
+# Train keys that say where and how a run happens, not what it learns: a recipe leaves them be.
+RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "class_weights",
+            "sampler", "muon_lr", "muon_momentum", "progressive_until"}
+
+
+def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drifts() -> None:
+    """The time-to-accuracy baseline must stay airbench94 whatever the default becomes: its
+    preset lists every recipe key (those read only under a setting it turns off excepted)."""
+    import yaml
+    from dataclasses import fields
+
+    from stages.params import TrainParams
+
+    preset = yaml.safe_load((ROOT / "presets" / "airbench94.yaml").read_text())
+    assert set(preset) == {"train"}
+    assert set(preset["train"]) == {f.name for f in fields(TrainParams)} - RUN_KEYS
+    assert preset["train"]["optimizer"] == "sgd" and preset["train"]["progressive_from"] == 0
