@@ -1,6 +1,6 @@
 """GPU self-check: is the CUDA path right, and how fast is the default recipe there?
 
-usage: python -m bench.gpu_check [IMAGES_DIR] [--seeds N] [--steps N]
+usage: python -m bench.gpu_check [IMAGES_DIR] [--seeds N] [--steps N] [--recipes default airbench94]
 
 Needs a CUDA GPU and refuses to run without one. Needs torch and torchvision only (GPU
 machines often lack dvc, dvclive, PyYAML and tqdm), and the image folder the pipeline wrote
@@ -12,8 +12,9 @@ status is 1 if any failed. In order:
   4. resume from a checkpoint on CUDA
   5. torch.compile compiles once across the whitening-bias freeze
   6. step time per precision and memory layout (CUDA events; bench.precision)
-  7. time to accuracy: N seeds of the default recipe on the default split and on all 50,000
-     training images (val_fraction 0), test accuracy at each TTA level, mean and spread,
+  7. time to accuracy: N seeds of each recipe (params.yaml's `default`, and presets such as
+     airbench94, the baseline of the default's time ratio) on the default split and on all
+     50,000 training images (val_fraction 0), test accuracy at each TTA level, mean and spread,
      time as airbench counts it (whitening + training + final TTA), each run's wall time
      (model, checkpoints and evaluation included; the one-time decode reported apart) and
      peak GPU memory.
@@ -139,7 +140,7 @@ def summary(runs: list[Run]) -> list[str]:
     """Each run, then per split the mean +- sample standard deviation of every column."""
     levels = list(TTA_WEIGHTS)
     names = [f"test {level}" for level in levels] + ["train s", "wall s", "peak GiB"]
-    lines = [f"{'split':<22} {'seed':>5} " + " ".join(f"{n:>17}" for n in names)]
+    lines = [f"{'recipe, split':<34} {'seed':>5} " + " ".join(f"{n:>17}" for n in names)]
     for split in dict.fromkeys(r.split for r in runs):
         group = [r for r in runs if r.split == split]
         columns = [[r.accuracy[level] for r in group] for level in levels]
@@ -148,9 +149,9 @@ def summary(runs: list[Run]) -> list[str]:
         digits = [4] * len(levels) + [2, 2, 2]
         for row, r in enumerate(group):
             cells = [f"{c[row]:.{d}f}" for c, d in zip(columns, digits)]
-            lines.append(f"{split:<22} {r.seed:>5} " + " ".join(f"{c:>17}" for c in cells))
+            lines.append(f"{split:<34} {r.seed:>5} " + " ".join(f"{c:>17}" for c in cells))
         cells = [f"{statistics.mean(c):.{d}f}+-{spread(c):.{d}f}" for c, d in zip(columns, digits)]
-        lines.append(f"{split:<22} {'mean':>5} " + " ".join(f"{c:>17}" for c in cells))
+        lines.append(f"{split:<34} {'mean':>5} " + " ".join(f"{c:>17}" for c in cells))
     return lines
 
 
@@ -257,7 +258,9 @@ def check_compile(params: TrainParams, images: torch.Tensor, labels: torch.Tenso
     torch._dynamo.reset()
     counters.clear()
     epochs = params.whiten_bias_epochs + 1.0
-    training = new_training(dataclasses.replace(params, compile=True, epochs=epochs), images, labels, 0)
+    # at one image size: each size of progressive resizing is a graph of its own, by design
+    training = new_training(dataclasses.replace(params, compile=True, epochs=epochs, progressive_from=0),
+                            images, labels, 0)
     start = time.perf_counter()
     fit(training, None, Checkpoint(work / "compile.pt", "gpu_check"), lambda e, row: None)
     graphs = counters["stats"]["unique_graphs"]  # a recompile makes a second graph
@@ -283,6 +286,15 @@ def time_run(params: TrainParams, split: str, train: tuple[torch.Tensor, torch.T
                torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
+def recipe(name: str) -> TrainParams:
+    """params.yaml's train section (`default`), or with presets/NAME.yaml's train keys over it,
+    on CUDA."""
+    train = read_params_yaml(Path("params.yaml"))["train"]
+    if name != "default":
+        train = {**train, **read_params_yaml(Path("presets") / f"{name}.yaml").get("train", {})}
+    return dataclasses.replace(build(TrainParams, train, "train"), device="cuda")
+
+
 def versions(device: torch.device, params: TrainParams) -> None:
     import torchvision
     props = torch.cuda.get_device_properties(device)
@@ -305,6 +317,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("images_dir", nargs="?", type=Path, default=Path("data/images"))
     parser.add_argument("--seeds", type=int, default=5, help="seeds per split for time to accuracy")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per precision")
+    parser.add_argument("--recipes", nargs="+", default=["default", "airbench94"],
+                        help="default (params.yaml) or a presets/ name, for time to accuracy")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be >= 1")
@@ -317,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.images_dir / "train.csv").exists():
         raise SystemExit(f"bench.gpu_check: {args.images_dir}/train.csv not found; run `make repro` "
                          "(or copy data/images here) first")
-    params = build(TrainParams, read_params_yaml(Path("params.yaml"))["train"], "train")
-    params = dataclasses.replace(params, device="cuda")
+    recipes = {name: recipe(name) for name in args.recipes}
+    params = recipes.get("default", next(iter(recipes.values())))
     device = pick_device("cuda")
     versions(device, params)
     start = time.perf_counter()
@@ -348,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             splits["all 50,000 (val 0)"] = ((torch.cat([data.train_images, data.val[0]]),
                                              torch.cat([data.train_labels, data.val[1]])), None)
         runs = []
-        for split, (train, val) in splits.items():
-            for seed in range(args.seeds):
-                runs.append(time_run(params, split, train, val, test, seed, work))
-                print(json.dumps(dataclasses.asdict(runs[-1])), flush=True)
+        for name, recipe_params in recipes.items():
+            for split, (train, val) in splits.items():
+                for seed in range(args.seeds):
+                    runs.append(time_run(recipe_params, f"{name}, {split}", train, val, test, seed, work))
+                    print(json.dumps(dataclasses.asdict(runs[-1])), flush=True)
     print("\n".join(summary(runs)))
     return 0 if all(results) else 1
 

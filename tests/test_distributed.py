@@ -31,7 +31,7 @@ def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_fol
     # LeNet has no BatchNorm: two ranks averaging gradients of half-batches must follow the
     # single process up to float summation order.
     cwd = stage_dir(tmp_path, image_folder, arch="lenet", optimizer="adam", lr=0.003, amp=False,
-                    epochs=3.0)
+                    epochs=3.0, progressive_from=0)
     single = train(cwd, "single", 1)
     double = train(cwd, "ddp", 2)
     assert double["steps"] == single["steps"]  # the global batch size is kept

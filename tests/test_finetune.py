@@ -102,7 +102,7 @@ def test_bad_weight_files_are_refused_without_running_code(tmp_path: Path) -> No
 
 def test_freeze_epochs_train_only_the_head_first() -> None:
     params = train_params(arch="lenet", optimizer="adam", lr=0.01, epochs=2.0, batch_size=50, amp=False,
-                          ema_every=0)
+                          ema_every=0, progressive_from=0)
     model = build_model("lenet", 2, (3, 32, 32))
     backbone = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("fc3.")}
     head = model.fc3.weight.clone()

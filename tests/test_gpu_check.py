@@ -3,6 +3,7 @@ without PyYAML, the table, and the checks that need no CUDA-only API, run here o
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_the_whole_check_runs_through_on_the_cpu_with_cuda_faked(image_folder: P
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update({"epochs": 4.0, "batch_size": 32, "eval_batch_size": 50})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "short.yaml").write_text("train:\n  epochs: 2.0  # a recipe of its own\n")
     monkeypatch.chdir(tmp_path)
     modes = []
     monkeypatch.setattr(gpu_check, "require_cuda", lambda: None)
@@ -111,14 +114,18 @@ def test_the_whole_check_runs_through_on_the_cpu_with_cuda_faked(image_folder: P
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 ** 30)
-    assert gpu_check.main([str(image_folder), "--seeds", "2", "--steps", "1"]) == 0
+    assert gpu_check.main([str(image_folder), "--seeds", "2", "--steps", "1",
+                           "--recipes", "default", "short"]) == 0
     out = capsys.readouterr().out
     assert modes[0] == "error" and modes[-1] == "default"  # the steps ran strict, then reset
     for name in ("loader", "host syncs", "resume", "compile"):
         assert f"[ok] {name}: " in out
     assert "1 graph(s) over 4 epochs" in out
     assert "the stages compute in " in out
-    table = out[out.index("split "):].splitlines()
-    assert len(table) == 1 + 2 * 3  # header, then two seeds and a mean per split
-    assert table[3].split()[:4] == ["default", "(train", "split)", "mean"]
-    assert table[6].split()[:5] == ["all", "50,000", "(val", "0)", "mean"]
+    table = out[out.index("recipe, split "):].splitlines()
+    assert len(table) == 1 + 2 * 2 * 3  # header, then two seeds and a mean per recipe and split
+    assert table[3].split()[:5] == ["default,", "default", "(train", "split)", "mean"]
+    assert table[6].split()[:6] == ["default,", "all", "50,000", "(val", "0)", "mean"]
+    assert table[12].split()[:6] == ["short,", "all", "50,000", "(val", "0)", "mean"]
+    runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {r["split"].split(",")[0] for r in runs} == {"default", "short"}

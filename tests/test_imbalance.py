@@ -33,7 +33,7 @@ def blobs(counts: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tenso
 def minority_recall(**changes) -> float:
     params = train_params(arch="mnist_mlp", optimizer="adam", lr=0.003, epochs=6.0, batch_size=32,
                           amp=False, ema_every=0, label_smoothing=0.0, crop_padding=0, flip=False,
-                          schedule="constant", **changes)
+                          schedule="constant", progressive_from=0, **changes)
     torch.manual_seed(0)
     images, labels = blobs((MAJORITY, MINORITY), seed=0)
     model = build_model("mnist_mlp", 2, (1, 4, 4))

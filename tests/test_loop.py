@@ -132,7 +132,8 @@ def toy_data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_training(seed: int = 0, **changes) -> Training:
     params = train_params(**{"arch": "lenet", "optimizer": "adam", "lr": 0.003, "epochs": 3.0,
-                             "batch_size": 50, "amp": False, "ema_every": 2, **changes})
+                             "batch_size": 50, "amp": False, "ema_every": 2, "progressive_from": 0,
+                             **changes})
     torch.manual_seed(seed)
     model = build_model("lenet", 2, (3, 32, 32))
     images, labels = toy_data()
@@ -165,7 +166,7 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
 
 def airbench_training(**changes) -> Training:
     """airbench on 16 toy images, 2 steps an epoch, the whitening bias trained for 1 epoch."""
-    params = train_params(**{"epochs": 3.0, "batch_size": 8, "amp": False, "ema_every": 0,
+    params = train_params(**{"epochs": 3.0, "batch_size": 8, "amp": False, "ema_every": 0, "progressive_from": 0,
                              "whiten_bias_epochs": 1, **changes})
     torch.manual_seed(0)
     images, labels = toy_data(16)

@@ -134,6 +134,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     # Another architecture (with learning rates that suit it) runs through finetune, which
     # reads it from models/train/model.json: finetune.arch stays null.
     dvc(repo, "exp", "run", "-n", "lenet", "-S", "train.arch=lenet", "-S", "train.optimizer=adam",
+        "-S", "train.progressive_from=0",
         "-S", "train.lr=0.003", "-S", "finetune.lr=0.003", "-S", "finetune.head_lr=0.003")
     assert yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["arch"] is None
     for name in ("train", "finetune"):
