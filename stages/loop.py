@@ -130,10 +130,6 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
         if progress < warmup:
             return TRIANGLE_START + (1 - TRIANGLE_START) * progress / warmup
         return 1 + (TRIANGLE_END - 1) * (progress - warmup) / (1 - warmup)
-    if schedule == "linear":  # to zero, as airbench94_muon
-        if progress < warmup:
-            return progress / warmup
-        return (1 - progress) / (1 - warmup)
     if schedule == "cosine":
         if progress < warmup:
             return progress / warmup

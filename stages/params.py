@@ -80,7 +80,7 @@ class TrainParams:
     weight_decay: float
     bias_lr_scale: float  # BatchNorm biases train with lr * this (airbench: 64)
     label_smoothing: float
-    schedule: Literal["triangle", "linear", "cosine", "constant"]
+    schedule: Literal["triangle", "cosine", "constant"]
     warmup: float  # share of steps spent ramping the lr up
     crop_padding: int  # pixels of reflect padding for random crops; 0 turns crops off
     # progressive resizing: the first epoch trains on images downscaled to this side length,
