@@ -8,7 +8,8 @@ ImageNet ResNet-18 weights) and runs train's loop with per-group learning rates:
 `finetune.head_lr`, the backbone at `finetune.lr` after `finetune.freeze_epochs` head-only
 epochs. Keys are matched by name and shape; the report of what loaded is printed and saved.
 With `train.optimizer: muon` every group steps by SGD (lr and head_lr are SGD rates): Muon's
-fixed-size steps are for training from scratch.
+fixed-size steps are for training from scratch. Progressive resizing is for training from
+scratch too: finetune trains at the images' size throughout.
 """
 from __future__ import annotations
 
@@ -98,10 +99,12 @@ def sha256_of(path: Path) -> str:
 
 def loop_params(params: Params) -> TrainParams:
     """Finetune runs train's loop: the train section's knobs (its seed too), with finetune's
-    own architecture (read from init's model.json), length, batch size and backbone lr."""
+    own architecture (read from init's model.json), length, batch size and backbone lr, at
+    full size (no progressive resizing: the network has learnt its features already)."""
     tune = params.finetune
     return dataclasses.replace(params.train, arch=init_arch(Path(tune.init), tune.arch),
-                               epochs=tune.epochs, batch_size=tune.batch_size, lr=tune.lr)
+                               epochs=tune.epochs, batch_size=tune.batch_size, lr=tune.lr,
+                               progressive_from=0)
 
 
 @stage_main

@@ -75,7 +75,7 @@ class TrainParams:
     lr: float  # per step for this batch_size
     momentum: float
     nesterov: bool
-    muon_lr: float  # optimizer muon: the conv filters' step (their weights have unit-RMS rows)
+    muon_lr: float  # optimizer muon: the conv filters' step, relative to their norm (loop.Muon)
     muon_momentum: float
     weight_decay: float
     bias_lr_scale: float  # BatchNorm biases train with lr * this (airbench: 64)

@@ -12,7 +12,7 @@ from stages.loop import Training, param_groups
 from stages.model import build_model, save_model
 from stages.outputs import StageError
 from tests.test_loop import CPU, toy_data, train_params
-from tests.conftest import model_card
+from tests.conftest import ROOT, model_card
 
 
 def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:
@@ -133,3 +133,17 @@ def test_a_bare_state_dict_needs_finetune_arch(tmp_path: Path) -> None:
     assert init_arch(bare, "resnet18") == "resnet18"
     with pytest.raises(StageError, match="no model.json beside it .* set finetune.arch"):
         init_arch(bare, None)
+
+
+def test_finetune_runs_trains_loop_at_full_size_with_its_own_rates() -> None:
+    import dataclasses as dc
+
+    from stages.finetune import loop_params
+    from stages.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.progressive_from > 0  # the default trains from scratch progressively
+    params = dc.replace(params, finetune=dc.replace(params.finetune, init="/absent/model.pt", arch="airbench"))
+    loop = loop_params(params)
+    assert loop.progressive_from == 0 and loop.lr == params.finetune.lr
+    assert (loop.epochs, loop.batch_size) == (params.finetune.epochs, params.finetune.batch_size)

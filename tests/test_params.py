@@ -80,8 +80,10 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
     overrides = preset_overrides(ROOT / "presets" / "mnist_airbench.yaml", base, workspace)
     # the preset's own keys, and the two a previous experiment left behind, back to the base's
     assert overrides == ["download.dataset=mnist", "train.arch=airbench", "train.epochs=3.0",
-                         "train.batch_size=1024", "train.flip=false", "train.amp=false",
-                         "finetune.epochs=1.0", "finetune.freeze_epochs=0", "evaluate.amp=false"]
+                         "train.batch_size=1024", "train.optimizer=sgd", "train.warmup=0.23",
+                         "train.progressive_from=0", "train.flip=false", "train.ema_every=5",
+                         "train.amp=false", "train.eval_every=1", "finetune.epochs=1.0",
+                         "finetune.freeze_epochs=0", "evaluate.amp=false"]
     for preset in sorted((ROOT / "presets").glob("*.yaml")):  # every preset loads
         assert preset_overrides(preset, base, base)
     bad = tmp_path / "bad.yaml"
