@@ -284,6 +284,7 @@ class Training:
             raise StageError(f"train.progressive_from: {type(model).__name__} takes only its input "
                              "size; set it to 0 (progressive resizing needs airbench or resnet18)")
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
+        self.full_size = tuple(loader.images.shape[-2:])  # the training images' (height, width)
         self.device, self.precision, self.ranks = device, precision, ranks
         # the training time, airbench's way: sections timed by the stage (whitening), the
         # epochs and the final evaluation; not validation, checkpoints or set-up
@@ -345,7 +346,7 @@ class Training:
         first epoch at `progressive_from` pixels high, growing linearly to the full height at
         `progressive_until` of the epochs. Fewer pixels, proportionally fewer FLOPs, while the
         network learns the coarse features that need no detail."""
-        height, width = self.loader.images.shape[-2:]
+        height, width = self.full_size
         ramp = self.params.progressive_until * self.params.epochs
         start = self.params.progressive_from
         if not start or self.epoch >= ramp or start >= height:

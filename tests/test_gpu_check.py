@@ -75,7 +75,7 @@ def test_summary_gives_each_run_then_mean_and_spread_per_split() -> None:
     lines = summary([run("default", 0, 0.93, 4.0), run("default", 1, 0.95, 6.0),
                      run("all 50,000", 0, 0.94, 5.0)])
     assert len(lines) == 1 + 3 + 2
-    assert lines[0].split()[:5] == ["split", "seed", "test", "none", "test"]
+    assert lines[0].split()[:6] == ["recipe,", "split", "seed", "test", "none", "test"]
     assert lines[1].split() == ["default", "0", "0.9200", "0.9250", "0.9300", "4.00", "6.00", "1.50"]
     assert lines[3].split() == ["default", "mean", "0.9300+-0.0141", "0.9350+-0.0141",
                                 "0.9400+-0.0141", "5.00+-1.41", "7.00+-1.41", "1.50+-0.00"]

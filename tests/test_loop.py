@@ -243,7 +243,7 @@ def test_training_time_leaves_out_validation_and_warm_up(tmp_path, monkeypatch) 
         now[0] += 1000.0  # validation and the warm-up's eval batch each "take" 1000 s
         return real_predict(*args, **kwargs)
     monkeypatch.setattr(loop, "predict_logits", slow_predict)
-    training = make_training()
+    training = make_training(eval_every=1)
     fit(training, toy_data(20), Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
     assert training.watch.seconds() == 0.0
     assert training.watch.wall_seconds() == 4000.0  # warm-up + 3 validations

@@ -145,7 +145,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     header = table[0].split(",")
     assert len(table) >= 1 + 3 and "metrics/eval/finetune.json:accuracy_tta_flip_shift" in header
     assert not [c for c in header if "seconds" in c or "accuracy_cat" in c or c.startswith("models/")]
-    assert len(header) <= 22, header  # 6 params changed across the 3 experiments
+    assert len(header) <= 23, header  # 7 params changed across the 3 experiments
 
     # A committed change of params shows in `dvc metrics diff` against the previous commit.
     git(repo, "checkout", "--", ".")
