@@ -6,6 +6,7 @@ large square matmul in the same precision, timed in the same process.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -55,6 +56,7 @@ def training_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     loss.backward()
 
 
+@functools.cache  # recipes sharing network, batch and precision share the one measurement
 def step_throughput(arch: str, batch_size: int, amp: Amp, size: int = 32) -> float:
     """Achieved FLOP/s of `arch`'s forward and backward pass on a CIFAR-shaped batch, in the
     precision `amp` picks on the CPU."""
