@@ -1,0 +1,23 @@
+"""bench.allocator: both malloc settings measured on the train stage's step (the times are the
+bench's to print; the page faults show the setting at work)."""
+import platform
+import re
+import sys
+
+import pytest
+
+from bench import allocator
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_kept_memory_spares_the_steps_page_faults(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["allocator", "--images", "2048", "--rounds", "1", "--steps", "2"])
+    try:
+        allocator.main()
+    finally:  # the process's malloc as the other tests expect it (stages on the CPU set it)
+        allocator.apply(allocator.SETTINGS["memory kept"])
+    out = capsys.readouterr().out
+    faults = {name: int(count) for name, count in
+              re.findall(r"^(glibc default|memory kept) .* (\d+) page faults a step$", out, re.M)}
+    assert faults["memory kept"] < faults["glibc default"] // 10
+    assert "step, batch 1024, optimizer muon" in out
