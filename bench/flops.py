@@ -13,7 +13,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.devices import pick_precision
+from stages.devices import keep_freed_memory, pick_precision
 from stages.loop import autocast
 from stages.model import build_model
 from stages.params import Amp
@@ -59,7 +59,8 @@ def training_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 @functools.cache  # recipes sharing network, batch and precision share the one measurement
 def step_throughput(arch: str, batch_size: int, amp: Amp, size: int = 32) -> float:
     """Achieved FLOP/s of `arch`'s forward and backward pass on a CIFAR-shaped batch, in the
-    precision `amp` picks on the CPU."""
+    precision `amp` picks on the CPU, with malloc set as the stages set it on the CPU."""
+    keep_freed_memory()
     dtype = pick_precision(CPU, amp).dtype
     torch.manual_seed(0)
     model = build_model(arch, 10, (3, size, size)).to(memory_format=torch.channels_last).train()

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bench import allocator
+from stages.params import load_params
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
@@ -20,4 +21,4 @@ def test_kept_memory_spares_the_steps_page_faults(monkeypatch, capsys) -> None:
     faults = {name: int(count) for name, count in
               re.findall(r"^(glibc default|memory kept) .* (\d+) page faults a step$", out, re.M)}
     assert faults["memory kept"] < faults["glibc default"] // 10
-    assert "step, batch 1024, optimizer muon" in out
+    assert f"step, batch {load_params().train.batch_size}, optimizer muon" in out
