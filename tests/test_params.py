@@ -78,9 +78,11 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
     base = ROOT / "params.yaml"
     workspace = write_params(tmp_path, lambda p: p["train"].update(batch_size=32, arch="lenet"))
     overrides = preset_overrides(ROOT / "presets" / "mnist_airbench.yaml", base, workspace)
-    # the preset's own keys, and the two a previous experiment left behind, back to the base's
+    # the preset's own keys (its batch_size too), and the arch a previous experiment left
+    # behind, back to the base's
     assert overrides == ["download.dataset=mnist", "train.arch=airbench", "train.epochs=3.0",
-                         "train.batch_size=1024", "train.optimizer=sgd", "train.lr=1.5", "train.warmup=0.23",
+                         "train.batch_size=1024", "train.optimizer=sgd", "train.lr=1.5",
+                         "train.warmup=0.23",
                          "train.progressive_from=0", "train.flip=false", "train.ema_every=5",
                          "train.amp=false", "train.eval_every=1", "finetune.epochs=1.0",
                          "finetune.freeze_epochs=0", "evaluate.amp=false"]
