@@ -16,7 +16,6 @@ the median step time of each, their ratio and the page faults per step.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import platform
 import resource
@@ -25,7 +24,7 @@ import time
 
 import torch
 
-from stages.devices import (M_MMAP_MAX, M_TRIM_THRESHOLD, TRIM_THRESHOLD, cpu_summary,
+from stages.devices import (KEEP_FREED, M_MMAP_MAX, M_TRIM_THRESHOLD, cpu_summary, mallopt,
                             pick_precision)
 from stages.loop import Training, scratch_groups, training_loader
 from stages.model import fresh_model
@@ -37,15 +36,8 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # the dynamic threshold's ceiling on 64
 SETTINGS = {  # mallopt values; glibc's dynamic trim threshold is twice the mmap threshold
     "glibc default": {M_MMAP_MAX: GLIBC_MMAP_MAX, M_MMAP_THRESHOLD: GLIBC_MMAP_THRESHOLD_MAX,
                       M_TRIM_THRESHOLD: 2 * GLIBC_MMAP_THRESHOLD_MAX},
-    "memory kept": {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: TRIM_THRESHOLD},
+    "memory kept": KEEP_FREED,
 }
-
-
-def apply(setting: dict[int, int]) -> None:
-    libc = ctypes.CDLL(None)
-    for option, value in setting.items():
-        if libc.mallopt(option, value) != 1:
-            raise RuntimeError(f"mallopt({option}, {value}) refused")
 
 
 def page_faults() -> int:
@@ -75,7 +67,7 @@ def main() -> None:
     faults: dict[str, list[int]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, setting in SETTINGS.items():
-            apply(setting)
+            mallopt(setting)
             training.train_step(*next(batches))  # the heap settles into the setting
             for _ in range(args.steps):
                 batch = next(batches)

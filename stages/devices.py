@@ -54,6 +54,7 @@ def pick_device(name: str) -> torch.device:
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt's largest: more than a step's activations ever free
+KEEP_FREED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: TRIM_THRESHOLD}  # no mmap, no trimming
 
 
 def keep_freed_memory() -> bool:
@@ -63,16 +64,22 @@ def keep_freed_memory() -> bool:
     By default glibc serves every block of >= 32 MiB (a CPU training step's activations,
     gradients and pooling indices) with a fresh mmap and unmaps it when freed, so each step
     page-faults through all of them again, kernel-zeroing every 4 KiB page: the default step
-    took 1.17x as long (Zen5-bf16: AMD EPYC, AVX512_BF16; bench/allocator.py). Served from
+    took 1.35x as long at batch 2000, 1.17x at 1024 (Zen5-bf16: AMD EPYC, AVX512_BF16;
+    bench/allocator.py). Served from
     the heap and never trimmed, the next step reuses the same pages. The process keeps its
     peak memory until it exits, which a stage does when done."""
     if platform.libc_ver()[0] != "glibc":
         return False
+    mallopt(KEEP_FREED)
+    return True
+
+
+def mallopt(settings: dict[int, int]) -> None:
+    """Set glibc malloc's options (malloc.h's M_* numbers to their values)."""
     libc = ctypes.CDLL(None)
-    for option, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    for option, value in settings.items():
         if libc.mallopt(option, value) != 1:
             raise RuntimeError(f"glibc mallopt({option}, {value}) refused")
-    return True
 
 
 @dataclass(frozen=True)

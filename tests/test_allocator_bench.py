@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bench import allocator
+from stages.devices import KEEP_FREED, mallopt
 from stages.params import load_params
 
 
@@ -16,7 +17,7 @@ def test_kept_memory_spares_the_steps_page_faults(monkeypatch, capsys) -> None:
     try:
         allocator.main()
     finally:  # the process's malloc as the other tests expect it (stages on the CPU set it)
-        allocator.apply(allocator.SETTINGS["memory kept"])
+        mallopt(KEEP_FREED)
     out = capsys.readouterr().out
     faults = {name: int(count) for name, count in
               re.findall(r"^(glibc default|memory kept) .* (\d+) page faults a step$", out, re.M)}
