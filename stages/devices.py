@@ -231,9 +231,9 @@ def stop() -> None:
 
 
 def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
-    """DDP around `model` when there are several ranks. Frozen groups keep requires_grad (the
-    loop zeroes their learning rate instead), so every parameter gets a gradient each step and
-    DDP needs no search for unused ones."""
+    """DDP around `model` when there are several ranks. There frozen groups keep requires_grad
+    (the loop zeroes their learning rate instead), so every parameter gets a gradient each step
+    and DDP needs no search for unused ones."""
     if ranks.world == 1:
         return model
     device_ids = [device.index] if device.type == "cuda" else None

@@ -41,9 +41,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 class Group:
     """A set of parameters with its own learning rate, trained during epochs [start, stop).
 
-    Outside those epochs its learning rate and weight decay are zero: the parameters keep
-    requires_grad, so a compiled graph's guards never change mid-run (no recompile) and DDP
-    sees the same parameters every step. The price is their gradients' compute while frozen."""
+    Outside those epochs its learning rate and weight decay are zero, and in one eager process
+    its parameters also stop requiring gradients (Training.start_groups), so that backward
+    skips the work only they needed."""
     name: str
     params: list[nn.Parameter]
     lr: float
@@ -297,6 +297,10 @@ class Training:
         # plain module, so its keys carry no `module.` or `_orig_mod.` prefix.
         forward = wrap(model, ranks, device)
         self.forward = torch.compile(forward) if params.compile else forward
+        # Frozen groups get no gradients in one eager process. A compiled graph would recompile
+        # when requires_grad changes and DDP waits for every parameter's gradient, so there the
+        # frozen keep theirs (at zero learning rate), paying for their compute.
+        self.skip_frozen = ranks.world == 1 and not params.compile
         self.total_steps = math.ceil(len(loader) * params.epochs)
         self.epochs = math.ceil(params.epochs)
         self.step = 0
@@ -320,9 +324,15 @@ class Training:
         return lrs.get("backbone", lrs["head"])
 
     def start_groups(self) -> None:
-        """A group that starts training now forgets the momentum it gathered while frozen, so
-        it starts as if it had had no gradients until now."""
+        """At an epoch's start: where frozen groups get no gradients (skip_frozen), a group
+        outside its epochs stops requiring them, so backward skips what only it needed (the
+        first conv's input gradient once the stem bias stops; finetune's whole backbone while
+        the head trains alone). And a group that starts training now forgets any momentum it
+        gathered while frozen, so it starts as if it had had no gradients until now."""
         for group in self.groups:
+            if self.skip_frozen:
+                for param in group.params:
+                    param.requires_grad_(group.trains_in(self.epoch))
             if self.epoch > 0 and group.start == self.epoch:
                 for param in group.params:
                     self.optimizer.state.pop(param, None)

@@ -196,19 +196,55 @@ def test_compile_compiles_once_across_the_whitening_bias_freeze() -> None:
     assert not torch.equal(training.model.whiten.bias, torch.zeros_like(biases[0]))
 
 
-def test_a_group_frozen_then_started_begins_without_momentum() -> None:
+@pytest.mark.parametrize("skip_frozen", [True, False])
+def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> None:
     training = airbench_training(whiten_bias_epochs=0, epochs=2.0)
+    training.skip_frozen = skip_frozen
     training.groups = [dataclasses.replace(g, start=1) if g.name == "head" else g for g in training.groups]
     head = training.model.head.weight
     before = head.detach().clone()
     training.run_epoch()
     training.epoch += 1
     assert torch.equal(head, before)
-    assert head in training.optimizer.state  # it had gradients, so SGD kept momentum
+    # with gradients while frozen SGD gathered momentum; without, it has nothing for the head
+    assert (head in training.optimizer.state) is not skip_frozen
     training.start_groups()
     assert head not in training.optimizer.state
     training.run_epoch()
     assert not torch.equal(head, before)
+
+
+def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
+    """One eager process: after the stem bias's epoch it has no gradient, nor has anything
+    before the first conv; the weights are bit for bit those of a run computing them all."""
+    runs = {}
+    for skip in (True, False):
+        training = airbench_training(whiten_bias_epochs=1, epochs=3.0)
+        assert training.skip_frozen  # one process, not compiled
+        training.skip_frozen = skip
+        inputs_need_grad = []
+        hook = training.model.groups[0].conv1.register_forward_pre_hook(
+            lambda module, args: inputs_need_grad.append(args[0].requires_grad))
+        for _ in range(3):
+            training.run_epoch()
+            assert (training.model.whiten.bias.grad is None) is (skip and training.epoch >= 1)
+            training.epoch += 1
+        hook.remove()
+        assert inputs_need_grad == [True] * 2 + [not skip] * 4  # 2 steps an epoch
+        runs[skip] = training.model.state_dict()
+    for key, value in runs[False].items():
+        assert torch.equal(runs[True][key], value), key
+
+
+def test_a_backbone_frozen_for_an_epoch_gets_no_gradients_in_it() -> None:
+    training = airbench_training(epochs=2.0)
+    training.groups = [g if g.name == "head" else dataclasses.replace(g, start=1) for g in training.groups]
+    training.run_epoch()
+    backbone = [name for name, p in training.model.named_parameters() if p.grad is not None]
+    assert backbone == ["head.weight"]
+    training.epoch += 1
+    training.run_epoch()
+    assert training.model.groups[0].conv1.weight.grad is not None
 
 
 def test_warm_up_leaves_weights_optimizer_and_random_draws_as_they_were() -> None:
