@@ -1,0 +1,84 @@
+"""Benchmark 6: CPU training steps while a parameter group is frozen, its gradients skipped
+(what one eager process does: Training.skip_frozen) against computed at zero learning rate
+(what compiled and distributed runs do).
+
+usage: python -m bench.frozen [--images 20000] [--rounds 3] [--steps 3]
+
+Two steps of params.yaml's recipes, on batches of random CIFAR-sized images:
+- train, after `whiten_bias_epochs`: the stem bias frozen, so nothing before the first conv
+  needs a gradient;
+- finetune, in its head-only epochs (`freeze_epochs`): everything but the head frozen.
+Both settings run in this one process, alternating round by round; each round's first step
+is left out. Prints the median step time of each and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import statistics
+import time
+
+import torch
+
+from stages.devices import cpu_summary, keep_freed_memory, pick_precision
+from stages.loop import Training, param_groups, scratch_groups, training_loader
+from stages.model import fresh_model
+from stages.params import load_params
+
+CPU = torch.device("cpu")
+
+
+def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]:
+    """The train stage's step past its stem-bias epochs, and finetune's head-only step."""
+    params = load_params()
+    train = params.train
+    tune = dataclasses.replace(train, batch_size=params.finetune.batch_size, progressive_from=0)
+    precision = pick_precision(CPU, train.amp)
+    runs = {}
+    model = fresh_model(train.arch, 10, images)
+    runs["train"] = Training(model, scratch_groups(model, train), train,
+                             training_loader(train, images, labels, train.seed), CPU, precision)
+    runs["train"].epoch = train.whiten_bias_epochs
+    model = fresh_model(train.arch, 10, images)
+    groups = param_groups(model, params.finetune.lr, params.finetune.head_lr, train.weight_decay,
+                          train.bias_lr_scale, freeze_epochs=params.finetune.freeze_epochs,
+                          whiten_bias_epochs=0)
+    runs["finetune"] = Training(model, groups, tune, training_loader(tune, images, labels, 0),
+                                CPU, precision)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.manual_seed(0)
+    images, labels = torch.randn(args.images, 3, 32, 32), torch.randint(0, 10, (args.images,))
+    print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, training in trainings(images, labels).items():
+        batches = itertools.chain.from_iterable(itertools.repeat(training.loader))
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.rounds):
+            for skip in seconds:
+                training.skip_frozen = skip
+                for group in training.groups:
+                    for param in group.params:
+                        param.requires_grad_(True)  # as the groups were built
+                training.start_groups()
+                training.train_step(*next(batches))
+                for _ in range(args.steps):
+                    batch = next(batches)
+                    start = time.perf_counter()
+                    training.train_step(*batch)
+                    seconds[skip].append(time.perf_counter() - start)
+        kept, skipped = (statistics.median(seconds[s]) for s in (False, True))
+        print(f"{name} (batch {training.params.batch_size}, epoch {training.epoch + 1}): frozen "
+              f"gradients computed {kept:.3f} s a step, skipped {skipped:.3f} s ({kept / skipped:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

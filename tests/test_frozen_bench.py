@@ -1,0 +1,19 @@
+"""bench.frozen: the two steps it times are the ones it names: the train stage's with the stem
+bias frozen, finetune's with everything but the head frozen (the times are the bench's to print)."""
+import torch
+
+from bench import frozen
+
+
+def test_the_benched_steps_freeze_what_the_recipes_freeze() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(600, 3, 32, 32), torch.randint(0, 10, (600,))
+    runs = frozen.trainings(images, labels)
+    for training in runs.values():
+        assert training.skip_frozen
+        training.start_groups()
+        training.train_step(*next(iter(training.loader)))
+    with_grad = {name: {n for n, p in t.model.named_parameters() if p.grad is not None}
+                 for name, t in runs.items()}
+    assert "whiten.bias" not in with_grad["train"] and "groups.0.conv1.weight" in with_grad["train"]
+    assert with_grad["finetune"] == {"head.weight"}
