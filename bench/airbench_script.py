@@ -81,8 +81,11 @@ def main() -> None:
         write_tensors(args.images_dir, Path(tmp) / "cifar10")
         (Path(tmp) / "airbench94_cpu.py").write_text(source)
         env = {**os.environ, "AIRBENCH_RUNS": str(args.runs), "AIRBENCH_DTYPE": args.dtype}
-        done = subprocess.run([sys.executable, "airbench94_cpu.py"], cwd=tmp, env=env, check=True,
+        done = subprocess.run([sys.executable, "airbench94_cpu.py"], cwd=tmp, env=env,
                               capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench.airbench_script: {args.script}, patched, exited with "
+                         f"{done.returncode}:\n{done.stderr[-4000:]}")
     rows = [(float(acc), float(seconds)) for acc, seconds in EVAL_ROW.findall(done.stdout)]
     if len(rows) != args.runs:
         raise SystemExit(f"bench.airbench_script: expected {args.runs} final rows, found "

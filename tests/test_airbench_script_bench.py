@@ -69,3 +69,12 @@ def test_a_script_missing_a_patched_line_is_refused_by_name(tmp_path) -> None:
     path = Path("airbench94.py")
     with pytest.raises(SystemExit, match=r"airbench94.py has no `torch.cuda.synchronize\(\)`"):
         airbench_script.patched(STAND_IN.replace("torch.cuda.synchronize()", ""), path)
+
+
+def test_a_failing_script_is_reported_with_its_error(tmp_path, monkeypatch) -> None:
+    folder = write_folder(tmp_path / "images", 3, 32, 2, {"train": 1, "test": 1})
+    script = tmp_path / "airbench94.py"
+    script.write_text(STAND_IN.replace("net = make_net()", "net = make_net(); raise RuntimeError('out of luck')"))
+    monkeypatch.setattr(sys, "argv", ["airbench_script", str(script), str(folder)])
+    with pytest.raises(SystemExit, match=r"(?s)exited with 1:.*RuntimeError: out of luck"):
+        airbench_script.main()
