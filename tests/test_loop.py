@@ -240,8 +240,8 @@ def test_a_backbone_frozen_for_an_epoch_gets_no_gradients_in_it() -> None:
     training = airbench_training(epochs=2.0)
     training.groups = [g if g.name == "head" else dataclasses.replace(g, start=1) for g in training.groups]
     training.run_epoch()
-    backbone = [name for name, p in training.model.named_parameters() if p.grad is not None]
-    assert backbone == ["head.weight"]
+    with_grad = [name for name, p in training.model.named_parameters() if p.grad is not None]
+    assert with_grad == ["head.weight"]
     training.epoch += 1
     training.run_epoch()
     assert training.model.groups[0].conv1.weight.grad is not None
