@@ -15,15 +15,13 @@ the median step time of each, their ratio and the page faults per step.
 """
 from __future__ import annotations
 
-import argparse
-import itertools
+import functools
 import platform
-import resource
 import statistics
-import time
 
 import torch
 
+from bench.alternate import arguments, take_turns
 from stages.devices import (KEEP_FREED, M_MMAP_MAX, M_TRIM_THRESHOLD, cpu_summary, mallopt,
                             pick_precision)
 from stages.loop import Training, scratch_groups, training_loader
@@ -40,16 +38,8 @@ SETTINGS = {  # mallopt values; glibc's dynamic trim threshold is twice the mmap
 }
 
 
-def page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=45000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = arguments(__doc__, images=45000)
     if platform.libc_ver()[0] != "glibc":
         raise SystemExit("bench.allocator: measures glibc's malloc; this C library is not glibc")
     params, cpu = load_params().train, torch.device("cpu")
@@ -59,22 +49,11 @@ def main() -> None:
     precision = pick_precision(cpu, params.amp)
     training = Training(model, scratch_groups(model, params), params,
                         training_loader(params, images, labels, params.seed), cpu, precision)
-    batches = itertools.chain.from_iterable(itertools.repeat(training.loader))  # epoch after epoch
     print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{params.arch} step, batch {params.batch_size}, optimizer {params.optimizer}, "
           f"{precision.name}")
-    seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    faults: dict[str, list[int]] = {name: [] for name in SETTINGS}
-    for _ in range(args.rounds):
-        for name, setting in SETTINGS.items():
-            mallopt(setting)
-            training.train_step(*next(batches))  # the heap settles into the setting
-            for _ in range(args.steps):
-                batch = next(batches)
-                before, start = page_faults(), time.perf_counter()
-                training.train_step(*batch)
-                seconds[name].append(time.perf_counter() - start)
-                faults[name].append(page_faults() - before)
+    settings = {name: functools.partial(mallopt, setting) for name, setting in SETTINGS.items()}
+    seconds, faults = take_turns(training, settings, args.rounds, args.steps)
     base = statistics.median(seconds["glibc default"])
     for name in SETTINGS:
         step = statistics.median(seconds[name])

@@ -13,14 +13,13 @@ is left out. Prints the median step time of each and their ratio.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
+import functools
 import statistics
-import time
 
 import torch
 
+from bench.alternate import arguments, take_turns
 from stages.devices import cpu_summary, keep_freed_memory, pick_precision
 from stages.loop import Training, param_groups, scratch_groups, training_loader
 from stages.model import fresh_model
@@ -49,33 +48,26 @@ def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]
     return runs
 
 
+def freeze(training: Training, skip: bool) -> None:
+    """Frozen groups' gradients skipped (as one eager process does) or computed."""
+    training.skip_frozen = skip
+    for group in training.groups:
+        for param in group.params:
+            param.requires_grad_(True)  # as the groups were built
+    training.start_groups()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = arguments(__doc__, images=20000)
     keep_freed_memory()
     torch.manual_seed(0)
     images, labels = torch.randn(args.images, 3, 32, 32), torch.randint(0, 10, (args.images,))
     print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, training in trainings(images, labels).items():
-        batches = itertools.chain.from_iterable(itertools.repeat(training.loader))
-        seconds: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(args.rounds):
-            for skip in seconds:
-                training.skip_frozen = skip
-                for group in training.groups:
-                    for param in group.params:
-                        param.requires_grad_(True)  # as the groups were built
-                training.start_groups()
-                training.train_step(*next(batches))
-                for _ in range(args.steps):
-                    batch = next(batches)
-                    start = time.perf_counter()
-                    training.train_step(*batch)
-                    seconds[skip].append(time.perf_counter() - start)
-        kept, skipped = (statistics.median(seconds[s]) for s in (False, True))
+        settings = {"skipped": functools.partial(freeze, training, True),
+                    "computed": functools.partial(freeze, training, False)}
+        seconds, _ = take_turns(training, settings, args.rounds, args.steps)
+        kept, skipped = (statistics.median(seconds[s]) for s in ("computed", "skipped"))
         print(f"{name} (batch {training.params.batch_size}, epoch {training.epoch + 1}): frozen "
               f"gradients computed {kept:.3f} s a step, skipped {skipped:.3f} s ({kept / skipped:.2f}x)")
 

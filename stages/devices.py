@@ -65,9 +65,9 @@ def keep_freed_memory() -> bool:
     gradients and pooling indices) with a fresh mmap and unmaps it when freed, so each step
     page-faults through all of them again, kernel-zeroing every 4 KiB page: the default step
     took 1.35x as long at batch 2000, 1.17x at 1024 (Zen5-bf16: AMD EPYC, AVX512_BF16;
-    bench/allocator.py). Served from
-    the heap and never trimmed, the next step reuses the same pages. The process keeps its
-    peak memory until it exits, which a stage does when done."""
+    bench/allocator.py). Served from the heap and never trimmed, the next step reuses the
+    same pages. The process keeps its peak memory until it exits, which a stage does when
+    done."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt(KEEP_FREED)
