@@ -241,6 +241,8 @@ class BatchLoader:
         # CPU generator: its stream is the same on every device, so runs reproduce anywhere.
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
+        # example selection (loop.Training): the indices an epoch draws from; None draws all
+        self.subset: torch.Tensor | None = None
         self.base = images
         if flip:
             mask = torch.rand(len(images), generator=self.generator) < 0.5
@@ -250,10 +252,19 @@ class BatchLoader:
             self.windows = crop_windows(self.base, images.size(-1))
 
     def __len__(self) -> int:
-        count = len(self.labels) / self.batch_size
+        return self.batches(len(self.labels) if self.subset is None else len(self.subset))
+
+    def batches(self, examples: int) -> int:
+        """The batches an epoch over `examples` images yields."""
+        count = examples / self.batch_size
         return math.floor(count) if self.drop_last else math.ceil(count)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.indexed():
+            yield images, labels
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The epoch's batches with the set indices of their images."""
         n = len(self.labels)
         # A whole epoch's crop offsets and order at once, from the CPU generator (see above).
         shifts = None
@@ -262,6 +273,8 @@ class BatchLoader:
             shifts = shifts.to(self.images.device)
         if self.draw_weights is not None:
             order = torch.multinomial(self.draw_weights, n, replacement=True, generator=self.generator)
+        elif self.subset is not None:
+            order = self.subset.cpu()[torch.randperm(len(self.subset), generator=self.generator)]
         else:
             order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)
@@ -269,7 +282,7 @@ class BatchLoader:
         self.epoch += 1
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
-            yield self.batch(index, shifts, mirror), self.labels[index]
+            yield self.batch(index, shifts, mirror), self.labels[index], index
 
     def batch(self, index: torch.Tensor, shifts: torch.Tensor | None, mirror: bool) -> torch.Tensor:
         """Images `index`, each cropped at its own offset by one gather from the windows view:

@@ -100,11 +100,12 @@ def sha256_of(path: Path) -> str:
 def loop_params(params: Params) -> TrainParams:
     """Finetune runs train's loop: the train section's knobs (its seed too), with finetune's
     own architecture (read from init's model.json), length, batch size and backbone lr, at
-    full size (no progressive resizing: the network has learnt its features already)."""
+    full size and on every example (no progressive resizing or example selection: the network
+    has learnt its features already, and finetune's losses would start unknown)."""
     tune = params.finetune
     return dataclasses.replace(params.train, arch=init_arch(Path(tune.init), tune.arch),
                                epochs=tune.epochs, batch_size=tune.batch_size, lr=tune.lr,
-                               progressive_from=0)
+                               progressive_from=0, select_from=0)
 
 
 @stage_main

@@ -104,6 +104,16 @@ def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Ten
                        balanced=params.sampler == "balanced")
 
 
+def planned_steps(params: TrainParams, loader: BatchLoader) -> int:
+    """The run's steps, for the lr schedule: whole-set epochs until `select_from`, then
+    epochs over the selected share."""
+    full = len(loader)
+    if not params.select_from or params.select_from >= params.epochs:
+        return math.ceil(full * params.epochs)
+    selected = loader.batches(round(len(loader.labels) * params.select_fraction))
+    return math.ceil(full * params.select_from + selected * (params.epochs - params.select_from))
+
+
 def make_criterion(params: TrainParams, labels: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross-entropy with label smoothing; with `class_weights: balanced` each sample weighs its
     class's balanced weight (data.class_balance), the batch's mean taken over those weights as
@@ -301,8 +311,11 @@ class Training:
         # when requires_grad changes and DDP waits for every parameter's gradient, so there the
         # frozen keep theirs (at zero learning rate), paying for their compute.
         self.skip_frozen = ranks.world == 1 and not params.compile
-        self.total_steps = math.ceil(len(loader) * params.epochs)
+        self.total_steps = planned_steps(params, loader)
         self.epochs = math.ceil(params.epochs)
+        # example selection: each example's loss when it was last trained on (inf: not yet)
+        self.losses = (torch.full((len(loader.labels),), math.inf, device=device)
+                       if params.select_from else None)
         self.step = 0
         self.epoch = 0
         self.average: WeightAverage | None = None
@@ -364,23 +377,50 @@ class Training:
         side = round(start + (height - start) * self.epoch / ramp)
         return side, round(width * side / height)
 
+    def select(self) -> None:
+        """At an epoch's start from `select_from` on: train on the `select_fraction` of the set
+        with the highest loss when last seen. The easy examples the network already gets right
+        teach it little; skipping them saves their steps (airbench96's selection, scored by the
+        training steps' own losses instead of a proxy network's: stale by up to a few epochs,
+        but free)."""
+        if self.losses is None or self.epoch < self.params.select_from:
+            return
+        keep = round(len(self.losses) * self.params.select_fraction)
+        self.loader.subset = torch.topk(self.losses, keep, sorted=False).indices
+
+    def record_losses(self, seen: torch.Tensor, written: torch.Tensor) -> None:
+        """At an epoch's end: keep the losses it measured. Each rank measured its own share
+        of every batch; summed over ranks, every rank keeps the same vector."""
+        if self.losses is None:
+            return
+        totals = all_sum(torch.stack([seen, written]), self.ranks)
+        self.losses = torch.where(totals[1] > 0, totals[0], self.losses)
+
     def run_epoch(self) -> dict[str, float]:
         """One pass over the loader; returns train loss/accuracy read once at the end."""
         self.start_groups()
+        self.select()
         size = self.image_size()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
         seen = 0
-        for images, labels in tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                                   leave=False, mininterval=2):
+        if self.losses is not None:  # this epoch's measured losses, and where it measured them
+            measured = torch.zeros_like(self.losses)
+            written = torch.zeros_like(self.losses)
+        for images, labels, index in tqdm(self.loader.indexed(), total=len(self.loader),
+                                          desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                                          leave=False, mininterval=2):
             if self.step >= self.total_steps:
                 break
             self.set_lr()
             if size is not None:
                 images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
             logits, loss = self.train_step(images, labels)
+            if self.losses is not None:
+                measured[index] = F.cross_entropy(logits.float(), labels, reduction="none")
+                written[index] = 1.0
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)
             loss_sum += loss.detach() * len(labels)
@@ -389,6 +429,8 @@ class Training:
             self.step += 1
             self.maybe_average()
         self.maybe_average(epoch_end=True)
+        if self.losses is not None:
+            self.record_losses(measured, written)
         if first_bad.item() >= 0:
             raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
                              f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
@@ -415,6 +457,7 @@ class Training:
             "step": self.step, "epoch": self.epoch, "history": self.history,
             "loader_epoch": self.loader.epoch, "train_seconds": self.watch.seconds(),
             "epochs_seconds": self.epochs_seconds,
+            "losses": None if self.losses is None else self.losses.cpu(),
             # bytes, not tensors: a map_location never moves them, and the generators take
             # only CPU byte tensors
             "loader_rng": rng_bytes(self.loader.generator.get_state()),
@@ -434,6 +477,8 @@ class Training:
         self.loader.epoch = state["loader_epoch"]
         self.watch.restore(state["train_seconds"])
         self.epochs_seconds = state["epochs_seconds"]
+        if self.losses is not None:
+            self.losses = state["losses"].to(self.device)
         self.loader.generator.set_state(rng_tensor(state["loader_rng"]))
         torch.set_rng_state(rng_tensor(state["torch_rng"]))
 

@@ -87,6 +87,10 @@ class TrainParams:
     # growing each epoch to the full size at `progressive_until` of the epochs; 0 turns it off
     progressive_from: int
     progressive_until: float
+    # example selection: from this epoch on (0 = never) each epoch trains on the
+    # `select_fraction` of the set with the highest loss when last seen (loop.Training)
+    select_from: int
+    select_fraction: float
     flip: bool
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
@@ -122,6 +126,12 @@ class TrainParams:
                  "0 (off) or a side length >= 16 pixels", self.progressive_from)
         _require(0 < self.progressive_until <= 1, f"{section}.progressive_until", "a share in (0, 1]",
                  self.progressive_until)
+        _require(self.select_from >= 0, f"{section}.select_from", "an epoch >= 0 (0: off)",
+                 self.select_from)
+        _require(0 < self.select_fraction <= 1, f"{section}.select_fraction", "a share in (0, 1]",
+                 self.select_fraction)
+        _require(self.select_from == 0 or self.sampler == "shuffle", f"{section}.select_from",
+                 "0 with sampler balanced (its draws ignore the selection)", self.select_from)
         _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
         _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
         _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",

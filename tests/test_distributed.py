@@ -27,11 +27,14 @@ def train(cwd: Path, name: str, processes: int) -> dict:
     return json.loads((cwd / f"metrics/{name}.json").read_text())
 
 
-def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_folder: Path) -> None:
+@pytest.mark.parametrize("selection", [{}, {"select_from": 1, "select_fraction": 0.5}])
+def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_folder: Path,
+                                                       selection: dict) -> None:
     # LeNet has no BatchNorm: two ranks averaging gradients of half-batches must follow the
-    # single process up to float summation order.
+    # single process up to float summation order; with example selection, every rank scores
+    # only its half of each batch yet all select the examples the single process does.
     cwd = stage_dir(tmp_path, image_folder, arch="lenet", optimizer="adam", lr=0.003, amp=False,
-                    epochs=3.0, progressive_from=0)
+                    epochs=3.0, progressive_from=0, **selection)
     single = train(cwd, "single", 1)
     double = train(cwd, "ddp", 2)
     assert double["steps"] == single["steps"]  # the global batch size is kept

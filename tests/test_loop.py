@@ -379,3 +379,44 @@ def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
         Training(model, loop.scratch_groups(model, params), params,
                  BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
                              drop_last=True, seed=0), CPU, pick_precision(CPU, False))
+
+
+def test_selection_trains_on_the_highest_loss_examples_from_select_from_on() -> None:
+    # 200 toy images, batches of 50: two whole epochs of 4 steps, then two over the 100
+    # examples that lost most when last seen, 2 steps each (the lr schedule plans for 12)
+    training = make_training(epochs=4.0, select_from=2, select_fraction=0.5)
+    assert training.total_steps == 4 * 2 + 2 * 2
+    assert torch.isinf(training.losses).all()  # nothing seen yet
+    for epoch in range(4):
+        before = training.losses.clone()
+        training.run_epoch()
+        training.epoch += 1
+        trained = training.losses != before  # every example an epoch trains on is re-scored
+        if epoch < 2:
+            assert training.loader.subset is None and trained.all()
+        else:
+            assert trained.sum() == 100 and torch.equal(trained.nonzero().flatten().sort().values,
+                                                        training.loader.subset.sort().values)
+            assert before[trained].min() >= before[~trained].max()  # the hardest half
+    assert training.step == training.total_steps
+
+
+def test_a_run_resumed_after_selection_started_matches_the_uninterrupted_one() -> None:
+    whole = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
+    for _ in range(4):
+        whole.run_epoch()
+        whole.epoch += 1
+    first = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
+    for _ in range(2):
+        first.run_epoch()
+        first.epoch += 1
+    state = first.state()
+    assert state["losses"].device.type == "cpu" and torch.isfinite(state["losses"]).all()
+    resumed = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
+    resumed.load_state(state)
+    for _ in range(2):
+        resumed.run_epoch()
+        resumed.epoch += 1
+    assert torch.equal(resumed.losses, whole.losses)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

@@ -52,6 +52,10 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["train"].update(muon_momentum=1.0), "train.muon_momentum must be a number in [0, 1)"),
     (lambda p: p["train"].update(progressive_from=8), "train.progressive_from must be 0 (off) or a side length >= 16"),
     (lambda p: p["train"].update(progressive_until=0), "train.progressive_until must be a share in (0, 1]"),
+    (lambda p: p["train"].update(select_fraction=0), "train.select_fraction must be a share in (0, 1]"),
+    (lambda p: p["train"].update(select_from=-1), "train.select_from must be an epoch >= 0"),
+    (lambda p: p["train"].update(select_from=2, sampler="balanced"),
+     "train.select_from must be 0 with sampler balanced"),
 ])
 def test_bad_params_are_refused_with_the_full_key(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(ParamsError) as err:
@@ -96,7 +100,7 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
 
 # Train keys that say where and how a run happens, not what it learns: a recipe leaves them be.
 RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "class_weights",
-            "sampler", "muon_lr", "muon_momentum", "progressive_until"}
+            "sampler", "muon_lr", "muon_momentum", "progressive_until", "select_fraction"}
 
 
 def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drifts() -> None:
