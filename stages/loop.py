@@ -110,8 +110,17 @@ def planned_steps(params: TrainParams, loader: BatchLoader) -> int:
     full = len(loader)
     if not params.select_from or params.select_from >= params.epochs:
         return math.ceil(full * params.epochs)
-    selected = loader.batches(round(len(loader.labels) * params.select_fraction))
+    kept = selected_count(params, len(loader.labels))
+    selected = loader.batches(kept)
+    if selected == 0:
+        raise StageError(f"train.select_fraction: {params.select_fraction} of {len(loader.labels)} "
+                         f"training images is {kept}, not one batch of {params.batch_size}; "
+                         "raise it or lower train.batch_size")
     return math.ceil(full * params.select_from + selected * (params.epochs - params.select_from))
+
+
+def selected_count(params: TrainParams, examples: int) -> int:
+    return round(examples * params.select_fraction)
 
 
 def make_criterion(params: TrainParams, labels: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -385,7 +394,7 @@ class Training:
         but free)."""
         if self.losses is None or self.epoch < self.params.select_from:
             return
-        keep = round(len(self.losses) * self.params.select_fraction)
+        keep = selected_count(self.params, len(self.losses))
         self.loader.subset = torch.topk(self.losses, keep, sorted=False).indices
 
     def record_losses(self, seen: torch.Tensor, written: torch.Tensor) -> None:

@@ -420,3 +420,9 @@ def test_a_run_resumed_after_selection_started_matches_the_uninterrupted_one() -
     assert torch.equal(resumed.losses, whole.losses)
     for key, value in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_a_selection_smaller_than_one_batch_is_refused_with_the_knobs_to_change() -> None:
+    with pytest.raises(StageError, match=r"train.select_fraction: 0.2 of 200 training images is 40, "
+                                         r"not one batch of 50; raise it or lower train.batch_size"):
+        make_training(epochs=4.0, select_from=2, select_fraction=0.2)
