@@ -397,12 +397,11 @@ class Training:
         keep = selected_count(self.params, len(self.losses))
         self.loader.subset = torch.topk(self.losses, keep, sorted=False).indices
 
-    def record_losses(self, seen: torch.Tensor, written: torch.Tensor) -> None:
-        """At an epoch's end: keep the losses it measured. Each rank measured its own share
-        of every batch; summed over ranks, every rank keeps the same vector."""
-        if self.losses is None:
-            return
-        totals = all_sum(torch.stack([seen, written]), self.ranks)
+    def record_losses(self, measured: torch.Tensor, written: torch.Tensor) -> None:
+        """At an epoch's end: keep the losses it measured (where `written` is 1). Each rank
+        measured its own share of every batch; summed over ranks, every rank keeps the same
+        vector."""
+        totals = all_sum(torch.stack([measured, written]), self.ranks)
         self.losses = torch.where(totals[1] > 0, totals[0], self.losses)
 
     def run_epoch(self) -> dict[str, float]:
