@@ -189,8 +189,8 @@ class StrictLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = iter(self.loader)
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        batches = self.loader.indexed()
         first = next(batches)
         torch.cuda.set_sync_debug_mode("error")
         try:

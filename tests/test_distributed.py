@@ -27,9 +27,11 @@ def train(cwd: Path, name: str, processes: int) -> dict:
     return json.loads((cwd / f"metrics/{name}.json").read_text())
 
 
-@pytest.mark.parametrize("selection", [{}, {"select_from": 1, "select_fraction": 0.5}])
+# with selection the float drift measured 1.3e-4 at most (fc1); a selection 1% different
+# (select_fraction 0.49 against 0.5, one process) moved the weights by 2.6e-3, 20x more
+@pytest.mark.parametrize("selection, atol", [({}, 1e-4), ({"select_from": 1, "select_fraction": 0.5}, 5e-4)])
 def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_folder: Path,
-                                                       selection: dict) -> None:
+                                                       selection: dict, atol: float) -> None:
     # LeNet has no BatchNorm: two ranks averaging gradients of half-batches must follow the
     # single process up to float summation order; with example selection, every rank scores
     # only its half of each batch yet all select the examples the single process does.
@@ -43,7 +45,7 @@ def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_fol
     two = torch.load(cwd / "models/ddp/model.pt", weights_only=True)
     assert list(one) == list(two)  # no `module.` prefix from the DDP wrapper
     for key in one:
-        assert torch.allclose(one[key], two[key], atol=1e-4), key
+        assert torch.allclose(one[key], two[key], atol=atol), key
     def curves(name: str) -> list[str]:
         return sorted(str(p.relative_to(cwd / "dvclive" / name)) for p in (cwd / "dvclive" / name).rglob("*.tsv"))
     assert curves("ddp") == curves("single")  # rank 0 alone logs: no curve twice, none missing
