@@ -274,7 +274,9 @@ class BatchLoader:
         if self.draw_weights is not None:
             order = torch.multinomial(self.draw_weights, n, replacement=True, generator=self.generator)
         elif self.subset is not None:
-            order = self.subset.cpu()[torch.randperm(len(self.subset), generator=self.generator)]
+            # the permutation from the CPU generator (see above), the subset indexed where it lives
+            perm = torch.randperm(len(self.subset), generator=self.generator)
+            order = self.subset[perm.to(self.subset.device)]
         else:
             order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.images.device)

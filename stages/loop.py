@@ -397,11 +397,11 @@ class Training:
         keep = selected_count(self.params, len(self.losses))
         self.loader.subset = torch.topk(self.losses, keep, sorted=False).indices
 
-    def record_losses(self, measured: torch.Tensor, written: torch.Tensor) -> None:
-        """At an epoch's end: keep the losses it measured (where `written` is 1). Each rank
+    def record_losses(self, measured: torch.Tensor) -> None:
+        """At an epoch's end: keep the losses it measured (row 0, where row 1 is 1). Each rank
         measured its own share of every batch; summed over ranks, every rank keeps the same
         vector."""
-        totals = all_sum(torch.stack([measured, written]), self.ranks)
+        totals = all_sum(measured, self.ranks)
         self.losses = torch.where(totals[1] > 0, totals[0], self.losses)
 
     def run_epoch(self) -> dict[str, float]:
@@ -415,8 +415,7 @@ class Training:
         first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
         seen = 0
         if self.losses is not None:  # this epoch's measured losses, and where it measured them
-            measured = torch.zeros_like(self.losses)
-            written = torch.zeros_like(self.losses)
+            measured = self.losses.new_zeros((2, len(self.losses)))
         for images, labels, index in tqdm(self.loader.indexed(), total=len(self.loader),
                                           desc=f"epoch {self.epoch + 1}/{self.epochs}",
                                           leave=False, mininterval=2):
@@ -427,8 +426,8 @@ class Training:
                 images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
             logits, loss = self.train_step(images, labels)
             if self.losses is not None:
-                measured[index] = F.cross_entropy(logits.float(), labels, reduction="none")
-                written[index] = 1.0
+                measured[0, index] = F.cross_entropy(logits.float(), labels, reduction="none")
+                measured[1, index] = 1.0
             bad = ~torch.isfinite(loss) & (first_bad < 0)
             first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)
             loss_sum += loss.detach() * len(labels)
@@ -438,7 +437,7 @@ class Training:
             self.maybe_average()
         self.maybe_average(epoch_end=True)
         if self.losses is not None:
-            self.record_losses(measured, written)
+            self.record_losses(measured)
         if first_bad.item() >= 0:
             raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
                              f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
