@@ -4,9 +4,12 @@
 
 usage: python -m bench.frozen [--images 20000] [--rounds 3] [--steps 3]
 
-Two steps of params.yaml's recipes, on batches of random CIFAR-sized images:
+Four steps of params.yaml's recipes, on batches of random CIFAR-sized images at full size:
 - train, after `whiten_bias_epochs`: the stem bias frozen, so nothing before the first conv
   needs a gradient;
+- train with progressive freezing (`freeze_from`), its first one and first two blocks
+  stopped: computed at rate 0 costs what a step training them does, so the ratio is what
+  freezing them saves;
 - finetune, in its head-only epochs (`freeze_epochs`): everything but the head frozen.
 Both settings run in this one process, alternating round by round; each round's first step
 is left out. Prints the median step time of each and their ratio.
@@ -39,6 +42,13 @@ def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]
     runs["train"] = Training(model, scratch_groups(model, train), train,
                              training_loader(train, images, labels, train.seed), CPU, precision)
     runs["train"].epoch = train.whiten_bias_epochs
+    for blocks in (1, 2):  # frozen from the first epoch past the stem bias's
+        frozen = dataclasses.replace(train, freeze_from=train.whiten_bias_epochs, freeze_blocks=blocks)
+        model = fresh_model(train.arch, 10, images)
+        runs[f"train, {blocks} block(s) frozen"] = Training(
+            model, scratch_groups(model, frozen), frozen,
+            training_loader(frozen, images, labels, train.seed), CPU, precision)
+        runs[f"train, {blocks} block(s) frozen"].epoch = frozen.freeze_from
     model = fresh_model(train.arch, 10, images)
     groups = param_groups(model, params.finetune.lr, params.finetune.head_lr, train.weight_decay,
                           train.bias_lr_scale, freeze_epochs=params.finetune.freeze_epochs,
@@ -55,6 +65,7 @@ def freeze(training: Training, skip: bool) -> None:
         for param in group.params:
             param.requires_grad_(True)  # as the groups were built
     training.start_groups()
+    training.set_lr()  # the frozen groups at rate 0, as in the loop
 
 
 def main() -> None:

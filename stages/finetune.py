@@ -100,12 +100,13 @@ def sha256_of(path: Path) -> str:
 def loop_params(params: Params) -> TrainParams:
     """Finetune runs train's loop: the train section's knobs (its seed too), with finetune's
     own architecture (read from init's model.json), length, batch size and backbone lr, at
-    full size and on every example (no progressive resizing or example selection: the network
-    has learnt its features already, and finetune's losses would start unknown)."""
+    full size, on every example and every layer (no progressive resizing, example selection or
+    freezing: the network has learnt its features already, finetune's losses would start
+    unknown, and its own freeze_epochs say what waits)."""
     tune = params.finetune
     return dataclasses.replace(params.train, arch=init_arch(Path(tune.init), tune.arch),
                                epochs=tune.epochs, batch_size=tune.batch_size, lr=tune.lr,
-                               progressive_from=0, select_from=0)
+                               progressive_from=0, select_from=0, freeze_from=0)
 
 
 @stage_main

@@ -8,7 +8,9 @@ of it, so that the loop names no architecture:
   (ImageNet's 7x7 RGB conv for a 3x3 one, or for 1-channel data);
 - `roles()`: each trainable parameter's role for the optimizer's groups ("head", "backbone",
   and airbench's "norm_bias" and "stem_bias");
-- `prepare(images)`: data-dependent initialisation before training (airbench's whitening).
+- `prepare(images)`: data-dependent initialisation before training (airbench's whitening);
+- `BLOCKS`: the key prefixes of its blocks from the input on, for progressive freezing
+  (`train.freeze_from`; empty: not supported).
 
 Architectures: `airbench` (the fast default), `lenet` (the 60-minute blitz), `resnet18`
 (torchvision's, CIFAR stem), `mlp` (the quickstart's, for Fashion-MNIST) and `mnist_mlp` (the
@@ -40,6 +42,7 @@ class Architecture(nn.Module):
 
     HEAD: str = ""
     STEM: tuple[str, ...] = ()
+    BLOCKS: tuple[str, ...] = ()
     ANY_SIZE = False  # trains on any image size from 16x16 up (progressive resizing needs it)
 
     def roles(self) -> dict[str, str]:
@@ -91,6 +94,7 @@ class LeNet(Architecture):
 
     HEAD = "fc3."
     STEM = ("conv1.weight",)
+    BLOCKS = ("conv1.", "conv2.", "fc1.", "fc2.")
 
     def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__()
@@ -176,6 +180,7 @@ class AirbenchNet(Architecture):
 
     HEAD = "head."
     STEM = ("whiten.weight", "whiten.bias")
+    BLOCKS = ("groups.0.", "groups.1.", "groups.2.")  # the stem's bias stops on its own
     ANY_SIZE = True
     WHITEN_KERNEL = 2
     WIDTHS = (64, 256, 256)

@@ -91,6 +91,10 @@ class TrainParams:
     # `select_fraction` of the set with the highest loss when last seen (loop.Training)
     select_from: int
     select_fraction: float
+    # progressive freezing: from this epoch on (0 = never) the architecture's first
+    # `freeze_blocks` blocks stop training, and backward skips them (loop.freeze_leading)
+    freeze_from: int
+    freeze_blocks: int
     flip: bool
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
@@ -132,6 +136,10 @@ class TrainParams:
                  self.select_fraction)
         _require(self.select_from == 0 or self.sampler == "shuffle", f"{section}.select_from",
                  "0 with sampler balanced (its draws ignore the selection)", self.select_from)
+        _require(self.freeze_from >= 0, f"{section}.freeze_from", "an epoch >= 0 (0: off)",
+                 self.freeze_from)
+        _require(self.freeze_blocks >= 1, f"{section}.freeze_blocks", "an integer >= 1",
+                 self.freeze_blocks)
         _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
         _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
         _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",

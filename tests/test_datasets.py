@@ -209,7 +209,8 @@ def test_any_folder_trains_evaluates_exports_and_predicts(folders: dict[str, Pat
     folder, (channels, height, width), num_classes = folders[name], *FOLDERS[name][1:]
     cwd = stage_dir(tmp_path, folder, arch=arch, optimizer="adam", lr=0.003, flip=False,
                     label_smoothing=0.0, epochs=6.0 if learnable else 1.0, batch_size=10,
-                    progressive_from=0,
+                    progressive_from=0, select_from=0, freeze_from=0,  # fixed-size MLPs, no
+                    # blocks to freeze; the balanced sampler refuses selection
                     device="cpu", amp=False, class_weights=balance,  # float32: bf16 airbench
                     # does not learn MNIST-like inputs (README, Tutorials)
                     sampler="balanced" if balance == "balanced" else "shuffle")

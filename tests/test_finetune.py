@@ -143,7 +143,9 @@ def test_finetune_runs_trains_loop_at_full_size_with_its_own_rates() -> None:
 
     params = load_params(ROOT / "params.yaml")
     assert params.train.progressive_from > 0  # the default trains from scratch progressively
-    params = dc.replace(params, finetune=dc.replace(params.finetune, init="/absent/model.pt", arch="airbench"))
+    params = dc.replace(params, train=dc.replace(params.train, select_from=5, freeze_from=5),
+                        finetune=dc.replace(params.finetune, init="/absent/model.pt", arch="airbench"))
     loop = loop_params(params)
     assert loop.progressive_from == 0 and loop.lr == params.finetune.lr
+    assert loop.select_from == 0 and loop.freeze_from == 0  # every example, every layer
     assert (loop.epochs, loop.batch_size) == (params.finetune.epochs, params.finetune.batch_size)

@@ -1,5 +1,6 @@
-"""bench.frozen: the two steps it times are the ones it names: the train stage's with the stem
-bias frozen, finetune's with everything but the head frozen (the times are the bench's to print)."""
+"""bench.frozen: the steps it times are the ones it names: the train stage's with the stem bias
+frozen, with its first one or two blocks frozen too, finetune's with everything but the head
+frozen (the times are the bench's to print)."""
 import torch
 
 from bench import frozen
@@ -17,3 +18,8 @@ def test_the_benched_steps_freeze_what_the_recipes_freeze() -> None:
                  for name, t in runs.items()}
     assert "whiten.bias" not in with_grad["train"] and "groups.0.conv1.weight" in with_grad["train"]
     assert with_grad["finetune"] == {"head.weight"}
+    for blocks in (1, 2):
+        stopped = {n for n, _ in runs[f"train, {blocks} block(s) frozen"].model.named_parameters()
+                   if n.startswith(("whiten.", *(f"groups.{b}." for b in range(blocks))))}
+        assert with_grad[f"train, {blocks} block(s) frozen"] == with_grad["train"] - stopped
+        assert f"groups.{blocks}.conv1.weight" in with_grad[f"train, {blocks} block(s) frozen"]

@@ -7,9 +7,9 @@ import torch
 from stages.data import BatchLoader
 from stages import devices, loop
 from stages.devices import pick_device, pick_precision
-from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, WeightAverage, fit, lr_factor,
-                         param_groups, predict_levels, predict_logits, rng_tensor, tta_views,
-                         warm_up)
+from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, WeightAverage, fit, freeze_leading,
+                         lr_factor, param_groups, predict_levels, predict_logits, rng_tensor,
+                         scratch_groups, tta_views, warm_up)
 from stages.model import AirbenchNet, build_model, load_weights
 from stages.outputs import StageError
 from stages.params import load_params
@@ -198,7 +198,8 @@ def test_compile_compiles_once_across_the_whitening_bias_freeze() -> None:
 
 @pytest.mark.parametrize("skip_frozen", [True, False])
 def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> None:
-    training = airbench_training(whiten_bias_epochs=0, epochs=2.0)
+    # SGD gathers momentum from gradients at lr 0 (Muon leaves a frozen group alone)
+    training = airbench_training(whiten_bias_epochs=0, epochs=2.0, optimizer="sgd")
     training.skip_frozen = skip_frozen
     training.groups = [dataclasses.replace(g, start=1) if g.name == "head" else g for g in training.groups]
     head = training.model.head.weight
@@ -212,6 +213,62 @@ def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> Non
     assert head not in training.optimizer.state
     training.run_epoch()
     assert not torch.equal(head, before)
+
+
+def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor]], list[bool]]:
+    """airbench by Muon, its first block frozen from epoch 2 of 3: the weights after each
+    epoch, and whether block 2's first conv was asked for its input's gradient, per step."""
+    params = train_params(epochs=3.0, batch_size=8, amp=False, ema_every=0, progressive_from=0,
+                          whiten_bias_epochs=1, optimizer="muon", freeze_from=2, freeze_blocks=1)
+    torch.manual_seed(0)
+    model = AirbenchNet(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    loader = BatchLoader(*toy_data(16), 8, crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=0)
+    training = Training(model, scratch_groups(model, params), params, loader, CPU, pick_precision(CPU, False))
+    training.skip_frozen = skip_frozen
+    input_grads: list[bool] = []
+    model.groups[1].conv1.register_forward_pre_hook(lambda m, args: input_grads.append(args[0].requires_grad))
+    states = []
+    for _ in range(3):
+        training.run_epoch()
+        training.epoch += 1
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return training, states, input_grads
+
+
+@pytest.mark.parametrize("skip_frozen", [True, False])
+def test_freezing_stops_the_first_blocks_at_freeze_from(skip_frozen) -> None:
+    training, states, input_grads = frozen_run(skip_frozen)
+    first = [k for k in states[0] if k.startswith("groups.0.") and k.endswith(("conv1.weight", "conv2.weight", "norm1.bias"))]
+    later = ["groups.1.conv1.weight", "groups.2.conv2.weight", "head.weight"]
+    assert len(first) == 3
+    for key in first:  # trained until epoch 2, then not one bit changes (not even Muon's rescaling)
+        assert not torch.equal(states[0][key], states[1][key]) and torch.equal(states[1][key], states[2][key]), key
+    for key in later:
+        assert not torch.equal(states[1][key], states[2][key]), key
+    if skip_frozen:  # one eager process: nothing before block 2 needs a gradient in epoch 3
+        assert input_grads == [True] * 4 + [False] * 2
+        assert all(p.grad is None for p in training.model.groups[0].parameters())
+    else:  # DDP's way: gradients computed, and the frozen groups step at lr 0
+        assert all(input_grads)
+
+
+def test_freezing_trains_exactly_as_with_the_gradients_computed() -> None:
+    _, skipped, _ = frozen_run(True)
+    _, computed, _ = frozen_run(False)
+    for key, value in computed[-1].items():
+        assert torch.equal(skipped[-1][key], value), key
+
+
+def test_freezing_more_blocks_than_the_network_has_is_refused() -> None:
+    model = AirbenchNet(2, 3, 32, 32)
+    groups = param_groups(model, 0.1, 0.1, 0.0, 64.0, 0, 0)
+    with pytest.raises(StageError, match=r"train.freeze_blocks: AirbenchNet has 3 blocks to freeze "
+                                         r"\(groups.0., groups.1., groups.2.\), not 4"):
+        freeze_leading(groups, model, 4, 2)
+    mlp = build_model("mlp", 2, (1, 8, 8))
+    with pytest.raises(StageError, match=r"QuickstartMLP has 0 blocks to freeze \(none\), not 1; "
+                                         r"lower it, or set train.freeze_from to 0"):
+        freeze_leading(param_groups(mlp, 0.1, 0.1, 0.0, 1.0, 0, 0), mlp, 1, 2)
 
 
 def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
@@ -352,10 +409,12 @@ def test_optimizer_muon_gives_the_conv_filters_their_own_group() -> None:
     training = Training(model, loop.scratch_groups(model, params), params,
                         BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
                                     drop_last=True, seed=0), CPU, pick_precision(CPU, False))
-    filters = next(g for g in training.groups if g.orthogonal)
-    assert {id(p) for p in filters.params} == {id(p) for p in model.parameters() if p.ndim == 4 and p.requires_grad}
-    spec = training.optimizer.param_groups[training.groups.index(filters)]
-    assert (spec["lr"], spec["momentum"], spec["weight_decay"]) == (0.2, 0.6, 0.0)
+    filters = [g for g in training.groups if g.orthogonal]  # the default's frozen first block apart
+    assert {id(p) for g in filters for p in g.params} == {id(p) for p in model.parameters()
+                                                         if p.ndim == 4 and p.requires_grad}
+    for group in filters:
+        spec = training.optimizer.param_groups[training.groups.index(group)]
+        assert (spec["lr"], spec["momentum"], spec["weight_decay"]) == (0.2, 0.6, 0.0)
     assert all(not g.orthogonal for g in param_groups(model, 1.0, 1.0, 0.0, 1.0, 0, 0))  # finetune: SGD
 
 

@@ -56,6 +56,8 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["train"].update(select_from=-1), "train.select_from must be an epoch >= 0"),
     (lambda p: p["train"].update(select_from=2, sampler="balanced"),
      "train.select_from must be 0 with sampler balanced"),
+    (lambda p: p["train"].update(freeze_from=-1), "train.freeze_from must be an epoch >= 0"),
+    (lambda p: p["train"].update(freeze_blocks=0), "train.freeze_blocks must be an integer >= 1"),
 ])
 def test_bad_params_are_refused_with_the_full_key(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(ParamsError) as err:
@@ -87,7 +89,8 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
     assert overrides == ["download.dataset=mnist", "train.arch=airbench", "train.epochs=3.0",
                          "train.batch_size=1024", "train.optimizer=sgd", "train.lr=1.5",
                          "train.warmup=0.23",
-                         "train.progressive_from=0", "train.flip=false", "train.ema_every=5",
+                         "train.progressive_from=0", "train.select_from=0", "train.freeze_from=0",
+                         "train.flip=false", "train.ema_every=5",
                          "train.amp=false", "train.eval_every=1", "finetune.epochs=1.0",
                          "finetune.freeze_epochs=0", "evaluate.amp=false"]
     for preset in sorted((ROOT / "presets").glob("*.yaml")):  # every preset loads
@@ -100,7 +103,8 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
 
 # Train keys that say where and how a run happens, not what it learns: a recipe leaves them be.
 RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "class_weights",
-            "sampler", "muon_lr", "muon_momentum", "progressive_until", "select_fraction"}
+            "sampler", "muon_lr", "muon_momentum", "progressive_until", "select_fraction",
+            "freeze_blocks"}
 
 
 def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drifts() -> None:
