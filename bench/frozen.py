@@ -23,32 +23,25 @@ import statistics
 import torch
 
 from bench.alternate import arguments, take_turns
-from stages.devices import cpu_summary, keep_freed_memory, pick_precision
+from stages.devices import Precision, cpu_summary, keep_freed_memory, pick_precision
 from stages.loop import Training, param_groups, scratch_groups, training_loader
 from stages.model import fresh_model
-from stages.params import load_params
+from stages.params import TrainParams, load_params
 
 CPU = torch.device("cpu")
 
 
 def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]:
-    """The train stage's step past its stem-bias epochs, and finetune's head-only step."""
+    """The train stage's step past its stem-bias epochs, alone and with one and two blocks
+    frozen from then on, and finetune's head-only step."""
     params = load_params()
     train = params.train
     tune = dataclasses.replace(train, batch_size=params.finetune.batch_size, progressive_from=0)
     precision = pick_precision(CPU, train.amp)
-    runs = {}
-    model = fresh_model(train.arch, 10, images)
-    runs["train"] = Training(model, scratch_groups(model, train), train,
-                             training_loader(train, images, labels, train.seed), CPU, precision)
-    runs["train"].epoch = train.whiten_bias_epochs
-    for blocks in (1, 2):  # frozen from the first epoch past the stem bias's
+    runs = {"train": scratch_training(train, images, labels, precision)}
+    for blocks in (1, 2):
         frozen = dataclasses.replace(train, freeze_from=train.whiten_bias_epochs, freeze_blocks=blocks)
-        model = fresh_model(train.arch, 10, images)
-        runs[f"train, {blocks} block(s) frozen"] = Training(
-            model, scratch_groups(model, frozen), frozen,
-            training_loader(frozen, images, labels, train.seed), CPU, precision)
-        runs[f"train, {blocks} block(s) frozen"].epoch = frozen.freeze_from
+        runs[f"train, {blocks} block(s) frozen"] = scratch_training(frozen, images, labels, precision)
     model = fresh_model(train.arch, 10, images)
     groups = param_groups(model, params.finetune.lr, params.finetune.head_lr, train.weight_decay,
                           train.bias_lr_scale, freeze_epochs=params.finetune.freeze_epochs,
@@ -56,6 +49,16 @@ def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]
     runs["finetune"] = Training(model, groups, tune, training_loader(tune, images, labels, 0),
                                 CPU, precision)
     return runs
+
+
+def scratch_training(train: TrainParams, images: torch.Tensor, labels: torch.Tensor,
+                     precision: Precision) -> Training:
+    """The train stage's Training, at the first epoch past the stem bias's."""
+    model = fresh_model(train.arch, 10, images)
+    training = Training(model, scratch_groups(model, train), train,
+                        training_loader(train, images, labels, train.seed), CPU, precision)
+    training.epoch = train.whiten_bias_epochs
+    return training
 
 
 def freeze(training: Training, skip: bool) -> None:

@@ -164,8 +164,9 @@ def test_non_finite_loss_stops_with_epoch_and_step() -> None:
             training.epoch += 1
 
 
-def airbench_training(**changes) -> Training:
-    """airbench on 16 toy images, 2 steps an epoch, the whitening bias trained for 1 epoch."""
+def airbench_training(scratch: bool = False, **changes) -> Training:
+    """airbench on 16 toy images, 2 steps an epoch, the whitening bias trained for 1 epoch;
+    `scratch`: with the train stage's groups (Muon's, freezing's) instead of plain ones."""
     params = train_params(**{"epochs": 3.0, "batch_size": 8, "amp": False, "ema_every": 0, "progressive_from": 0,
                              "whiten_bias_epochs": 1, **changes})
     torch.manual_seed(0)
@@ -173,8 +174,8 @@ def airbench_training(**changes) -> Training:
     model = AirbenchNet(2, 3, 32, 32).to(memory_format=torch.channels_last)
     loader = BatchLoader(images, labels, 8, crop_padding=2, flip=True, shuffle=True,
                          drop_last=True, seed=0)
-    groups = param_groups(model, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0,
-                          whiten_bias_epochs=params.whiten_bias_epochs)
+    groups = scratch_groups(model, params) if scratch else param_groups(
+        model, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs)
     return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
 
 
@@ -218,12 +219,8 @@ def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> Non
 def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor]], list[bool]]:
     """airbench by Muon, its first block frozen from epoch 2 of 3: the weights after each
     epoch, and whether block 2's first conv was asked for its input's gradient, per step."""
-    params = train_params(epochs=3.0, batch_size=8, amp=False, ema_every=0, progressive_from=0,
-                          whiten_bias_epochs=1, optimizer="muon", freeze_from=2, freeze_blocks=1)
-    torch.manual_seed(0)
-    model = AirbenchNet(2, 3, 32, 32).to(memory_format=torch.channels_last)
-    loader = BatchLoader(*toy_data(16), 8, crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=0)
-    training = Training(model, scratch_groups(model, params), params, loader, CPU, pick_precision(CPU, False))
+    training = airbench_training(scratch=True, optimizer="muon", freeze_from=2, freeze_blocks=1)
+    model = training.model
     training.skip_frozen = skip_frozen
     input_grads: list[bool] = []
     model.groups[1].conv1.register_forward_pre_hook(lambda m, args: input_grads.append(args[0].requires_grad))
