@@ -41,7 +41,9 @@ def trainings(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Training]
     runs = {"train": scratch_training(train, images, labels, precision)}
     for blocks in (1, 2):
         frozen = dataclasses.replace(train, freeze_from=train.whiten_bias_epochs, freeze_blocks=blocks)
-        runs[f"train, {blocks} block(s) frozen"] = scratch_training(frozen, images, labels, precision)
+        training = scratch_training(frozen, images, labels, precision)
+        training.epoch += blocks - 1  # one block an epoch: the epoch the last of them stops
+        runs[f"train, {blocks} block(s) frozen"] = training
     model = fresh_model(train.arch, 10, images)
     groups = param_groups(model, params.finetune.lr, params.finetune.head_lr, train.weight_decay,
                           train.bias_lr_scale, freeze_epochs=params.finetune.freeze_epochs,

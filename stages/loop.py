@@ -89,7 +89,7 @@ def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: f
 
 def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
     """The groups of a run from scratch: everything trains from the start at `lr` (the conv
-    filters at `muon_lr` with optimizer muon), the leading blocks until `freeze_from`."""
+    filters at `muon_lr` with optimizer muon), the leading blocks one by one from `freeze_from`."""
     groups = param_groups(model, params.lr, params.lr, params.weight_decay, params.bias_lr_scale,
                           freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs,
                           muon_lr=params.muon_lr if params.optimizer == "muon" else None)
@@ -99,26 +99,29 @@ def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
 
 
 def freeze_leading(groups: list[Group], model: Architecture, blocks: int, epoch: int) -> list[Group]:
-    """Progressive freezing (FreezeOut, Brock et al. 2017): the model's first `blocks` blocks
-    stop training at `epoch`. The layers nearest the input settle first; once they stop, and
-    nothing before them trains, backward skips their weight gradients, their input gradients
-    and the input gradient of the layer after them: for airbench's first block, a fifth of a
-    full-size step's FLOPs. Each group is split in two, its leading part stopping at `epoch`."""
+    """Progressive freezing (FreezeOut, Brock et al. 2017): the model's first block stops
+    training at `epoch`, the next one an epoch later, and so on for `blocks` blocks. The
+    layers nearest the input settle first; once they stop, and nothing before them trains,
+    backward skips their weight gradients, their input gradients and the input gradient of the
+    layer after them: for airbench's first block, a fifth of a full-size step's FLOPs, for its
+    first two, over half. Each group is split by block, each block's part stopping at its epoch."""
     if blocks > len(model.BLOCKS):
         raise StageError(f"train.freeze_blocks: {type(model).__name__} has "
                          f"{len(model.BLOCKS)} blocks to freeze ({', '.join(model.BLOCKS) or 'none'}), "
                          f"not {blocks}; lower it, or set train.freeze_from to 0")
-    prefixes = model.BLOCKS[:blocks]
-    leading = {id(p) for name, p in model.named_parameters() if name.startswith(prefixes)}
+    stops = {id(p): epoch + block
+             for block, prefix in enumerate(model.BLOCKS[:blocks])
+             for name, p in model.named_parameters() if name.startswith(prefix)}
     split = []
     for group in groups:
-        rest = [p for p in group.params if id(p) not in leading]
-        early = [p for p in group.params if id(p) in leading]
+        rest = [p for p in group.params if id(p) not in stops]
         if rest:
             split.append(replace(group, params=rest))
-        if early:
-            stop = epoch if group.stop is None else min(group.stop, epoch)
-            split.append(replace(group, name=f"{group.name}_leading", params=early, stop=stop))
+        for block in range(blocks):
+            leading = [p for p in group.params if stops.get(id(p)) == epoch + block]
+            if leading:
+                stop = epoch + block if group.stop is None else min(group.stop, epoch + block)
+                split.append(replace(group, name=f"{group.name}_block{block}", params=leading, stop=stop))
     return split
 
 

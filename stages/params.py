@@ -91,8 +91,9 @@ class TrainParams:
     # `select_fraction` of the set with the highest loss when last seen (loop.Training)
     select_from: int
     select_fraction: float
-    # progressive freezing: from this epoch on (0 = never) the architecture's first
-    # `freeze_blocks` blocks stop training, and backward skips them (loop.freeze_leading)
+    # progressive freezing: from this epoch on (0 = never) the architecture's first block
+    # stops training, the next one an epoch later, up to `freeze_blocks` blocks; backward
+    # skips them (loop.freeze_leading)
     freeze_from: int
     freeze_blocks: int
     flip: bool

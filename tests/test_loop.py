@@ -216,14 +216,17 @@ def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> Non
     assert not torch.equal(head, before)
 
 
-def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor]], list[bool]]:
-    """airbench by Muon, its first block frozen from epoch 2 of 3: the weights after each
-    epoch, and whether block 2's first conv was asked for its input's gradient, per step."""
-    training = airbench_training(scratch=True, optimizer="muon", freeze_from=2, freeze_blocks=1)
+def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor]], dict[int, list[bool]]]:
+    """airbench by Muon over 3 epochs, its first block frozen from epoch 1, its second from
+    epoch 2: the weights after each epoch and, per step, whether blocks 2 and 3's first convs
+    were asked for their input's gradient."""
+    training = airbench_training(scratch=True, optimizer="muon", freeze_from=1, freeze_blocks=2)
     model = training.model
     training.skip_frozen = skip_frozen
-    input_grads: list[bool] = []
-    model.groups[1].conv1.register_forward_pre_hook(lambda m, args: input_grads.append(args[0].requires_grad))
+    input_grads: dict[int, list[bool]] = {1: [], 2: []}
+    for block, asked in input_grads.items():
+        model.groups[block].conv1.register_forward_pre_hook(
+            lambda m, args, asked=asked: asked.append(args[0].requires_grad))
     states = []
     for _ in range(3):
         training.run_epoch()
@@ -233,20 +236,25 @@ def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor
 
 
 @pytest.mark.parametrize("skip_frozen", [True, False])
-def test_freezing_stops_the_first_blocks_at_freeze_from(skip_frozen) -> None:
+def test_freezing_stops_the_first_blocks_one_by_one_from_freeze_from(skip_frozen) -> None:
     training, states, input_grads = frozen_run(skip_frozen)
-    first = [k for k in states[0] if k.startswith("groups.0.") and k.endswith(("conv1.weight", "conv2.weight", "norm1.bias"))]
-    later = ["groups.1.conv1.weight", "groups.2.conv2.weight", "head.weight"]
-    assert len(first) == 3
-    for key in first:  # trained until epoch 2, then not one bit changes (not even Muon's rescaling)
+    weights = ("conv1.weight", "conv2.weight", "norm1.bias")
+    first = [k for k in states[0] if k.startswith("groups.0.") and k.endswith(weights)]
+    second = [k for k in states[0] if k.startswith("groups.1.") and k.endswith(weights)]
+    later = ["groups.2.conv1.weight", "groups.2.conv2.weight", "head.weight"]
+    assert len(first) == len(second) == 3
+    for key in first:  # trained in epoch 0, then not one bit changes (not even Muon's rescaling)
+        assert torch.equal(states[0][key], states[1][key]) and torch.equal(states[1][key], states[2][key]), key
+    for key in second:  # trained until epoch 2, then frozen
         assert not torch.equal(states[0][key], states[1][key]) and torch.equal(states[1][key], states[2][key]), key
     for key in later:
         assert not torch.equal(states[1][key], states[2][key]), key
-    if skip_frozen:  # one eager process: nothing before block 2 needs a gradient in epoch 3
-        assert input_grads == [True] * 4 + [False] * 2
+    if skip_frozen:  # one eager process: nothing before a frozen block's successor needs a gradient
+        assert input_grads == {1: [True] * 2 + [False] * 4, 2: [True] * 4 + [False] * 2}
         assert all(p.grad is None for p in training.model.groups[0].parameters())
+        assert all(p.grad is None for p in training.model.groups[1].parameters())
     else:  # DDP's way: gradients computed, and the frozen groups step at lr 0
-        assert all(input_grads)
+        assert all(all(asked) for asked in input_grads.values())
 
 
 def test_freezing_trains_exactly_as_with_the_gradients_computed() -> None:
