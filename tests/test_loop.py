@@ -218,8 +218,8 @@ def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> Non
 
 def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor]], dict[int, list[bool]]]:
     """airbench by Muon over 3 epochs, its first block frozen from epoch 1, its second from
-    epoch 2: the weights after each epoch and, per step, whether blocks 2 and 3's first convs
-    were asked for their input's gradient."""
+    epoch 2: the weights before and after each epoch and, per step, whether blocks 2 and 3's
+    first convs were asked for their input's gradient."""
     training = airbench_training(scratch=True, optimizer="muon", freeze_from=1, freeze_blocks=2)
     model = training.model
     training.skip_frozen = skip_frozen
@@ -227,7 +227,7 @@ def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor
     for block, asked in input_grads.items():
         model.groups[block].conv1.register_forward_pre_hook(
             lambda m, args, asked=asked: asked.append(args[0].requires_grad))
-    states = []
+    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     for _ in range(3):
         training.run_epoch()
         training.epoch += 1
@@ -244,11 +244,12 @@ def test_freezing_stops_the_first_blocks_one_by_one_from_freeze_from(skip_frozen
     later = ["groups.2.conv1.weight", "groups.2.conv2.weight", "head.weight"]
     assert len(first) == len(second) == 3
     for key in first:  # trained in epoch 0, then not one bit changes (not even Muon's rescaling)
-        assert torch.equal(states[0][key], states[1][key]) and torch.equal(states[1][key], states[2][key]), key
-    for key in second:  # trained until epoch 2, then frozen
-        assert not torch.equal(states[0][key], states[1][key]) and torch.equal(states[1][key], states[2][key]), key
+        assert not torch.equal(states[0][key], states[1][key]), key
+        assert torch.equal(states[1][key], states[2][key]) and torch.equal(states[2][key], states[3][key]), key
+    for key in second:  # trained in epochs 0 and 1, then frozen
+        assert not torch.equal(states[1][key], states[2][key]) and torch.equal(states[2][key], states[3][key]), key
     for key in later:
-        assert not torch.equal(states[1][key], states[2][key]), key
+        assert not torch.equal(states[2][key], states[3][key]), key
     if skip_frozen:  # one eager process: nothing before a frozen block's successor needs a gradient
         assert input_grads == {1: [True] * 2 + [False] * 4, 2: [True] * 4 + [False] * 2}
         assert all(p.grad is None for p in training.model.groups[0].parameters())
