@@ -117,10 +117,10 @@ def freeze_leading(groups: list[Group], model: Architecture, blocks: int, epoch:
         rest = [p for p in group.params if id(p) not in stops]
         if rest:
             split.append(replace(group, params=rest))
-        for block in range(blocks):
-            leading = [p for p in group.params if stops.get(id(p)) == epoch + block]
-            if leading:
-                stop = epoch + block if group.stop is None else min(group.stop, epoch + block)
+        for block, stop in enumerate(range(epoch, epoch + blocks)):
+            leading = [p for p in group.params if stops.get(id(p)) == stop]
+            if leading:  # a group stopping sooner on its own (the stem bias) keeps its stop
+                stop = stop if group.stop is None else min(group.stop, stop)
                 split.append(replace(group, name=f"{group.name}_block{block}", params=leading, stop=stop))
     return split
 
