@@ -145,7 +145,12 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 
 class DiracConv(nn.Conv2d):
     """3x3 'same' conv initialised partly to the identity: an implicit residual path that
-    lets a plain (skip-free) stack train fast from the first step."""
+    lets a plain (skip-free) stack train fast from the first step.
+
+    Training in bf16 on the CPU, maps of up to MATMUL_WGRAD_UP_TO pixels get their weight
+    gradient from PatchMatmulConv: oneDNN's kernel for it slows down on small maps."""
+
+    MATMUL_WGRAD_UP_TO = 36  # height x width; 0 = never (bench.small_maps, the baseline)
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding="same", bias=False)
@@ -153,6 +158,60 @@ class DiracConv(nn.Conv2d):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         nn.init.dirac_(self.weight.data[: self.in_channels])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.shape[-2] * x.shape[-1] <= self.MATMUL_WGRAD_UP_TO
+                and torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):  # cast here, as autocast would for conv2d
+            return PatchMatmulConv.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
+
+
+class PatchMatmulConv(torch.autograd.Function):
+    """A 3x3 conv with padding 1 whose weight gradient is one matrix product: the output
+    gradient's channels x positions by the input's 3x3 patches (im2col). The forward and the
+    input gradient stay oneDNN's, fast at every size.
+
+    On small maps oneDNN's bf16 weight-gradient kernel ran far below the CPU's speed: 220
+    GFLOP/s on 3x3 maps, 440 on 5x5, 690 on 7x7 (256 channels, batch 2,000), while the
+    product with its patch copy held 750-850 at all three; with 64 channels on 7x7 oneDNN's
+    was the faster (Xeon-AMX: Intel Xeon, AMX; in float32 neither wins). Hence 6x6 (36) as
+    DiracConv's bound: at full size only the last conv's 3x3 maps take this path, at 16 px
+    the last three convs' (bench.small_maps)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return nn.functional.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            n, channels, height, width = grad.shape
+            # a copy with contiguous rows: the product runs about twice as fast on it
+            rows = grad.permute(1, 0, 2, 3).reshape(channels, n * height * width)
+            grad_weight = (rows @ patches3x3(x)).view(channels, 3, 3, -1).permute(0, 3, 1, 2)
+        return grad_x, grad_weight
+
+
+def patches3x3(x: torch.Tensor) -> torch.Tensor:
+    """x's 3x3 patches at every position (zero padding 1): (N * H * W, 9 * C), each row
+    ordered (kernel row, kernel column, channel). One copy, fastest from channels_last."""
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # N, H+2, W+2, C
+    sn, sh, sw, sc = padded.stride()
+    windows = padded.as_strided((n, h, w, 3, 3, c), (sn, sh, sw, sh, sw, sc))
+    return windows.reshape(n * h * w, 9 * c)
 
 
 class ConvGroup(nn.Module):

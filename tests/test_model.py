@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from stages.model import ARCHS, AirbenchNet, build_model, init_whitening, load_trained, save_model
+from stages.model import (ARCHS, AirbenchNet, DiracConv, PatchMatmulConv, build_model, init_whitening,
+                          load_trained, save_model)
 from stages.outputs import StageError
 from tests.conftest import model_card
 
@@ -33,6 +34,47 @@ def test_airbench_pools_as_airbench94_at_32x32() -> None:
         reference = model.head(torch.nn.functional.max_pool2d(features, 3).flatten(1)) * model.LOGIT_SCALE
         assert features.shape[-2:] == (3, 3)
         assert torch.equal(model(images), reference)
+
+
+def test_the_patch_matmul_conv_has_the_convolutions_gradients() -> None:
+    """Forward, input and weight gradients of conv2d (3x3, padding 1), in float64 where they
+    must agree to rounding; also with channels_last input and a non-square map."""
+    torch.manual_seed(0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 5, 4, 6, dtype=torch.float64).contiguous(memory_format=memory_format)
+        weight = torch.randn(7, 5, 3, 3, dtype=torch.float64)
+        assert torch.autograd.gradcheck(PatchMatmulConv.apply, (x.requires_grad_(), weight.requires_grad_()))
+        grads = torch.randn(3, 7, 4, 6, dtype=torch.float64)
+        ours = PatchMatmulConv.apply(x, weight)
+        reference = torch.nn.functional.conv2d(x, weight, padding=1)
+        assert torch.allclose(ours, reference)
+        for a, b in zip(torch.autograd.grad(ours, (x, weight), grads),
+                        torch.autograd.grad(reference, (x, weight), grads), strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("side, matmul", [(3, True), (6, True), (7, False)])
+def test_dirac_conv_takes_the_patch_matmul_on_small_maps_training_in_bf16(side: int, matmul: bool) -> None:
+    """Only for training (gradients on) under CPU bf16 autocast on maps up to the bound; its
+    gradients are oneDNN's to bf16 rounding, and the weight's is float32 like the weight."""
+    torch.manual_seed(0)
+    conv = DiracConv(16, 32).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    assert ("PatchMatmulConv" in out.grad_fn.name()) == matmul
+    grads = torch.autograd.grad(out.float().square().sum(), (x, conv.weight))
+    assert grads[1].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = torch.nn.functional.conv2d(x, conv.weight, padding=1)
+    assert torch.equal(out, reference)
+    expected = torch.autograd.grad(reference.float().square().sum(), (x, conv.weight))
+    for ours, theirs in zip(grads, expected, strict=True):
+        assert torch.allclose(ours, theirs, rtol=2e-2, atol=1e-2 * theirs.abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).grad_fn is None  # evaluation: conv2d itself
+    assert conv(x).grad_fn.name() == "ConvolutionBackward0"  # float32: conv2d itself
 
 
 def test_the_tutorials_networks_have_their_published_sizes() -> None:

@@ -1,0 +1,81 @@
+"""Benchmark 7: the train stage's CPU step at each progressive-resizing size, with the conv
+weight gradients of small maps taken as one matrix product (stages.model.PatchMatmulConv,
+what training does) against oneDNN's kernel for all of them (DiracConv.MATMUL_WGRAD_UP_TO = 0).
+
+usage: python -m bench.small_maps [--images 12000] [--rounds 3] [--steps 3]
+
+params.yaml's train recipe, on batches of random images held in memory at each size its
+epochs train at (16 px up to full size), without selection or freezing. Both settings run in
+this one process, alternating round by round; each round's first step is left out. Prints each
+size's median step time under both and their ratio, then the same summed over the recipe's
+epochs (one step of each epoch at its size). The path needs bf16 autocast on the CPU; under
+float32 the two settings are the same code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+import torch
+
+from bench.alternate import arguments, take_turns
+from stages.devices import cpu_summary, keep_freed_memory, pick_precision
+from stages.loop import Training, scratch_groups, training_loader
+from stages.model import DiracConv, fresh_model
+from stages.params import TrainParams, load_params
+
+CPU = torch.device("cpu")
+FULL = 32  # CIFAR's height and width
+BOUND = DiracConv.MATMUL_WGRAD_UP_TO  # the training's; the baseline sets 0
+
+
+def epoch_sizes(params: TrainParams) -> list[int]:
+    """The image side each epoch of `params` trains at (progressive resizing's schedule)."""
+    images, labels = torch.randn(2, 3, FULL, FULL), torch.zeros(2, dtype=torch.long)
+    model = fresh_model(params.arch, 10, images)
+    training = Training(model, scratch_groups(model, params), params,
+                        training_loader(params, images, labels, 0), CPU, pick_precision(CPU, params.amp))
+    sizes = []
+    for epoch in range(math.ceil(params.epochs)):
+        training.epoch = epoch
+        sizes.append((training.image_size() or (FULL, FULL))[0])
+    return sizes
+
+
+def bound(pixels: int) -> None:
+    """Maps of up to `pixels` take the patch matmul (0: none)."""
+    DiracConv.MATMUL_WGRAD_UP_TO = pixels
+
+
+def main() -> None:
+    args = arguments(__doc__, images=12000)
+    keep_freed_memory()
+    torch.manual_seed(0)
+    train = load_params().train
+    sizes = epoch_sizes(train)
+    steady = dataclasses.replace(train, progressive_from=0, select_from=0, freeze_from=0)
+    precision = pick_precision(CPU, train.amp)
+    print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{train.arch} step, batch {train.batch_size}, optimizer {train.optimizer}, "
+          f"{precision.name}; epochs at {sizes} px")
+    settings = {"oneDNN": lambda: bound(0),
+                "patch matmul": lambda: bound(BOUND)}
+    medians: dict[int, dict[str, float]] = {}
+    for side in sorted(set(sizes)):
+        images = torch.randn(args.images, 3, side, side)
+        labels = torch.randint(0, 10, (args.images,))
+        model = fresh_model(train.arch, 10, images)
+        training = Training(model, scratch_groups(model, steady), steady,
+                            training_loader(steady, images, labels, steady.seed), CPU, precision)
+        seconds, _ = take_turns(training, settings, args.rounds, args.steps)
+        medians[side] = {name: statistics.median(s) for name, s in seconds.items()}
+        old, new = medians[side]["oneDNN"], medians[side]["patch matmul"]
+        print(f"{side:>2} px: oneDNN {old:.3f} s a step, patch matmul {new:.3f} s ({new / old:.2f})")
+    old, new = (sum(medians[side][name] for side in sizes) for name in settings)
+    print(f"the recipe's {len(sizes)} epochs, a step of each: oneDNN {old:.3f} s, patch matmul "
+          f"{new:.3f} s ({new / old:.2f})")
+
+
+if __name__ == "__main__":
+    main()
