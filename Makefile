@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m bench.precision
 	$(PY) -m bench.run
 	$(PY) -m bench.frozen
+	$(PY) -m bench.small_maps
 	$(PY) -m bench.time_to_accuracy
 
 # A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the committed
