@@ -32,15 +32,21 @@ BOUND = DiracConv.MATMUL_WGRAD_UP_TO  # the training's; the baseline sets 0
 
 def epoch_sizes(params: TrainParams) -> list[int]:
     """The image side each epoch of `params` trains at (progressive resizing's schedule)."""
-    images, labels = torch.randn(2, 3, FULL, FULL), torch.zeros(2, dtype=torch.long)
-    model = fresh_model(params.arch, 10, images)
-    training = Training(model, scratch_groups(model, params), params,
-                        training_loader(params, images, labels, 0), CPU, pick_precision(CPU, params.amp))
+    training = scratch_training(params, torch.randn(2, 3, FULL, FULL),
+                                torch.zeros(2, dtype=torch.long))
     sizes = []
     for epoch in range(math.ceil(params.epochs)):
         training.epoch = epoch
         sizes.append((training.image_size() or (FULL, FULL))[0])
     return sizes
+
+
+def scratch_training(params: TrainParams, images: torch.Tensor, labels: torch.Tensor) -> Training:
+    """The train stage's Training from scratch on `images`, at its first epoch."""
+    model = fresh_model(params.arch, 10, images)
+    return Training(model, scratch_groups(model, params), params,
+                    training_loader(params, images, labels, params.seed), CPU,
+                    pick_precision(CPU, params.amp))
 
 
 def bound(pixels: int) -> None:
@@ -55,19 +61,15 @@ def main() -> None:
     train = load_params().train
     sizes = epoch_sizes(train)
     steady = dataclasses.replace(train, progressive_from=0, select_from=0, freeze_from=0)
-    precision = pick_precision(CPU, train.amp)
     print(f"CPU {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{train.arch} step, batch {train.batch_size}, optimizer {train.optimizer}, "
-          f"{precision.name}; epochs at {sizes} px")
+          f"{pick_precision(CPU, train.amp).name}; epochs at {sizes} px")
     settings = {"oneDNN": lambda: bound(0),
                 "patch matmul": lambda: bound(BOUND)}
     medians: dict[int, dict[str, float]] = {}
     for side in sorted(set(sizes)):
-        images = torch.randn(args.images, 3, side, side)
-        labels = torch.randint(0, 10, (args.images,))
-        model = fresh_model(train.arch, 10, images)
-        training = Training(model, scratch_groups(model, steady), steady,
-                            training_loader(steady, images, labels, steady.seed), CPU, precision)
+        training = scratch_training(steady, torch.randn(args.images, 3, side, side),
+                                    torch.randint(0, 10, (args.images,)))
         seconds, _ = take_turns(training, settings, args.rounds, args.steps)
         medians[side] = {name: statistics.median(s) for name, s in seconds.items()}
         old, new = medians[side]["oneDNN"], medians[side]["patch matmul"]
