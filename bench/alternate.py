@@ -10,14 +10,19 @@ import time
 from typing import Callable
 
 from stages.loop import Training
+from stages.params import ARCH_NAMES
 
 
-def arguments(doc: str, images: int) -> argparse.Namespace:
-    """--images (random CIFAR-sized ones held in memory), --rounds, --steps (timed a turn)."""
+def arguments(doc: str, images: int, recipe: bool = False) -> argparse.Namespace:
+    """--images (random CIFAR-sized ones held in memory), --rounds, --steps (timed a turn);
+    with `recipe`, --arch and --batch-size too (None: params.yaml's)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
+    if recipe:
+        parser.add_argument("--arch", choices=ARCH_NAMES)
+        parser.add_argument("--batch-size", type=int)
     return parser.parse_args()
 
 

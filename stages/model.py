@@ -131,6 +131,11 @@ class ResNet18(torchvision.models.ResNet, Architecture):
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
         self.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.maxpool = nn.Identity()
+        for block in self.modules():  # layer4's 3x3 convs train on 4x4 maps at 32 px
+            if isinstance(block, torchvision.models.resnet.BasicBlock):
+                for name in ("conv1", "conv2"):
+                    if getattr(block, name).stride == (1, 1):
+                        setattr(block, name, as_conv3x3(getattr(block, name)))
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -143,21 +148,15 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
-class DiracConv(nn.Conv2d):
-    """3x3 'same' conv initialised partly to the identity: an implicit residual path that
-    lets a plain (skip-free) stack train fast from the first step.
-
-    Training in bf16 on the CPU, maps of up to MATMUL_WGRAD_UP_TO pixels get their weight
-    gradient from PatchMatmulConv: oneDNN's kernel for it slows down on small maps."""
+class Conv3x3(nn.Conv2d):
+    """A 3x3 conv, stride 1, padding 1, no bias (airbench's and ResNet-18's). Training in bf16
+    on the CPU, maps of up to MATMUL_WGRAD_UP_TO pixels get their weight gradient from
+    PatchMatmulConv: oneDNN's kernel for it slows down on small maps."""
 
     MATMUL_WGRAD_UP_TO = 36  # height x width; 0 = never (bench.small_maps, the baseline)
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, kernel_size=3, padding="same", bias=False)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.dirac_(self.weight.data[: self.in_channels])
+    def __init__(self, in_channels: int, out_channels: int, **kwargs: object) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -169,6 +168,26 @@ class DiracConv(nn.Conv2d):
             return PatchMatmulConv.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
 
 
+def as_conv3x3(conv: nn.Conv2d) -> Conv3x3:
+    """A 3x3, stride-1, padding-1, bias-free conv as a Conv3x3 holding the same weight (built on
+    the meta device: no draw from the RNG, so the run's random stream stays as it was)."""
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias) != (
+            (3, 3), (1, 1), (1, 1), (1, 1), 1, None):
+        raise ValueError(f"not a 3x3, stride-1, padding-1, bias-free conv: {conv}")
+    converted = Conv3x3(conv.in_channels, conv.out_channels, device="meta")
+    converted.weight = conv.weight
+    return converted
+
+
+class DiracConv(Conv3x3):
+    """A Conv3x3 initialised partly to the identity: an implicit residual path that lets a
+    plain (skip-free) stack train fast from the first step."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
 class PatchMatmulConv(torch.autograd.Function):
     """A 3x3 conv with padding 1 whose weight gradient is one matrix product: the output
     gradient's channels x positions by the input's 3x3 patches (im2col). The forward and the
@@ -178,8 +197,8 @@ class PatchMatmulConv(torch.autograd.Function):
     GFLOP/s on 3x3 maps, 440 on 5x5, 690 on 7x7 (256 channels, batch 2,000), while the
     product with its patch copy held 750-850 at all three; with 64 channels on 7x7 oneDNN's
     was the faster (Xeon-AMX: Intel Xeon, AMX; in float32 neither wins). Hence 6x6 (36) as
-    DiracConv's bound: at full size only the last conv's 3x3 maps take this path, at 16 px
-    the last three convs' (bench.small_maps)."""
+    Conv3x3's bound: in airbench at full size only the last conv's 3x3 maps take this path,
+    at 16 px the last three convs' (bench.small_maps)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from stages.model import (ARCHS, AirbenchNet, DiracConv, PatchMatmulConv, build_model, init_whitening,
-                          load_trained, save_model)
+from stages.model import (ARCHS, AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3,
+                          build_model, init_whitening, load_trained, save_model)
 from stages.outputs import StageError
 from tests.conftest import model_card
 
@@ -96,6 +96,26 @@ def test_resnet18_has_torchvision_key_names() -> None:
     assert list(ours) == list(reference)
     differing = [k for k in ours if ours[k].shape != reference[k].shape]
     assert differing == ["conv1.weight"]  # the CIFAR stem: 3x3 instead of 7x7
+
+
+def test_resnet18s_stride_1_convs_take_the_small_map_path_with_the_weights_drawn_as_before() -> None:
+    """Its blocks' stride-1 3x3 convs become Conv3x3 (layer4 trains on 4x4 maps at 32 px),
+    holding the weights torchvision drew; the random stream goes on as without the swap."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, (3, 32, 32))
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    reference = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=10)
+    reference.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    assert torch.equal(torch.rand(4), after)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name
+    # 16 block convs but the first conv of layer2, layer3 and layer4, which strides 2
+    assert sum(isinstance(m, Conv3x3) for m in model.modules()) == 13
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "PatchMatmulConv" in model.layer4[1].conv1(torch.randn(2, 512, 4, 4)).grad_fn.name()
+    with pytest.raises(ValueError, match="not a 3x3, stride-1"):
+        as_conv3x3(model.layer4[0].conv1)
 
 
 def test_whitening_makes_patch_covariance_near_identity() -> None:
