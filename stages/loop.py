@@ -120,8 +120,8 @@ def freeze_leading(groups: list[Group], model: Architecture, blocks: int, epoch:
         for block, stop in enumerate(range(epoch, epoch + blocks)):
             leading = [p for p in group.params if stops.get(id(p)) == stop]
             if leading:  # a group stopping sooner on its own (the stem bias) keeps its stop
-                stop = stop if group.stop is None else min(group.stop, stop)
-                split.append(replace(group, name=f"{group.name}_block{block}", params=leading, stop=stop))
+                split.append(replace(group, name=f"{group.name}_block{block}", params=leading,
+                                     stop=stop if group.stop is None else min(group.stop, stop)))
     return split
 
 
