@@ -131,11 +131,12 @@ class ResNet18(torchvision.models.ResNet, Architecture):
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
         self.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.maxpool = nn.Identity()
-        for block in self.modules():  # layer4's 3x3 convs train on 4x4 maps at 32 px
-            if isinstance(block, torchvision.models.resnet.BasicBlock):
-                for name in ("conv1", "conv2"):
-                    if getattr(block, name).stride == (1, 1):
-                        setattr(block, name, as_conv3x3(getattr(block, name)))
+        # layer4's 3x3 convs train on 4x4 maps at 32 px: the small-map path of Conv3x3
+        blocks = [m for m in self.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+        for block in blocks:  # a list first: the loop replaces modules
+            if block.conv1.stride == (1, 1):
+                block.conv1 = as_conv3x3(block.conv1)
+            block.conv2 = as_conv3x3(block.conv2)  # always stride 1
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
