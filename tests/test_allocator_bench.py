@@ -25,4 +25,5 @@ def test_kept_memory_spares_the_steps_page_faults(monkeypatch, capsys) -> None:
     faults = {name: int(count) for name, count in
               re.findall(r"^(glibc default|memory kept) .* (\d+) page faults a step$", out, re.M)}
     assert faults["memory kept"] < faults["glibc default"] // 10
-    assert f"step, batch {load_params().train.batch_size}, optimizer muon" in out
+    train = load_params().train
+    assert f"step, batch {train.batch_size}, optimizer {train.optimizer}" in out
