@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench import flops, time_to_accuracy
-from bench.time_to_accuracy import Recipe, recipe_params, table
+from bench.time_to_accuracy import Recipe, recipe_params, stage_params, table
 
 
 def test_a_step_counts_forward_and_weight_gradient_matmuls() -> None:
@@ -21,6 +21,16 @@ def test_recipes_are_the_preset_and_the_default_with_changes() -> None:
     assert changed["train"]["epochs"] == 2.0
     with pytest.raises(Exception, match="train.epochs must be a number > 0"):
         recipe_params("default", {"train.epochs": 0})
+
+
+def test_every_timed_run_validates_once_whatever_its_recipe_says() -> None:
+    baseline = recipe_params("airbench94", {})
+    assert baseline["train"]["eval_every"] == 1  # the preset's own monitoring
+    run = stage_params(baseline, seed=3)
+    assert run["train"]["seed"] == 3 and run["train"]["eval_every"] == 0
+    assert {k: v for k, v in run["train"].items() if k not in ("seed", "eval_every")} == \
+        {k: v for k, v in baseline["train"].items() if k not in ("seed", "eval_every")}
+    assert baseline["train"]["eval_every"] == 1  # the recipe itself is left as it was
 
 
 def test_table_gives_mean_spread_and_time_ratio_to_the_baseline(monkeypatch) -> None:
