@@ -119,3 +119,18 @@ def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drift
     assert set(preset) == {"train"}
     assert set(preset["train"]) == {f.name for f in fields(TrainParams)} - RUN_KEYS
     assert preset["train"]["optimizer"] == "sgd" and preset["train"]["progressive_from"] == 0
+
+
+def test_the_muon_cut_preset_pins_every_key_it_reads_so_the_old_default_never_drifts() -> None:
+    """presets/muon_cut.yaml is the default before #13's twelfth session: it lists every train
+    key but those saying where and how a run happens, the Muon and cut knobs included."""
+    import yaml
+    from dataclasses import fields
+
+    from stages.params import TrainParams
+
+    preset = yaml.safe_load((ROOT / "presets" / "muon_cut.yaml").read_text())["train"]
+    where_and_how = {"seed", "device", "amp", "compile", "eval_batch_size", "workers",
+                     "class_weights", "sampler"}
+    assert set(preset) == {f.name for f in fields(TrainParams)} - where_and_how
+    assert preset["optimizer"] == "muon" and preset["select_from"] and preset["freeze_from"]
