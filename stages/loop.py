@@ -409,14 +409,18 @@ class Training:
     def image_size(self) -> tuple[int, int] | None:
         """This epoch's training image size under progressive resizing (None: full size): the
         first epoch at `progressive_from` pixels high, growing linearly to the full height at
-        `progressive_until` of the epochs. Fewer pixels, proportionally fewer FLOPs, while the
-        network learns the coarse features that need no detail."""
+        `progressive_until` of the epochs, each side rounded to a multiple of `progressive_step`
+        (never below the first). Fewer pixels, proportionally fewer FLOPs, while the network
+        learns the coarse features that need no detail."""
         height, width = self.full_size
         ramp = self.params.progressive_until * self.params.epochs
         start = self.params.progressive_from
         if not start or self.epoch >= ramp or start >= height:
             return None
-        side = round(start + (height - start) * self.epoch / ramp)
+        step = self.params.progressive_step
+        side = step * round((start + (height - start) * self.epoch / ramp) / step)
+        if side >= height:
+            return None
         return side, round(width * side / height)
 
     def select(self) -> None:

@@ -87,6 +87,10 @@ class TrainParams:
     # growing each epoch to the full size at `progressive_until` of the epochs; 0 turns it off
     progressive_from: int
     progressive_until: float
+    # ... each epoch's side rounded to a multiple of this (1: any side). airbench's FLOPs rise
+    # in steps, as its poolings' floors switch: a side of 4k + 1 costs up to a third more than
+    # 4k, for one pixel more (README, issue #13), so 4 keeps every epoch on a cheap side
+    progressive_step: int
     # example selection: from this epoch on (0 = never) each epoch trains on the
     # `select_fraction` of the set with the highest loss when last seen (loop.Training)
     select_from: int
@@ -131,6 +135,9 @@ class TrainParams:
                  "0 (off) or a side length >= 16 pixels", self.progressive_from)
         _require(0 < self.progressive_until <= 1, f"{section}.progressive_until", "a share in (0, 1]",
                  self.progressive_until)
+        _require(self.progressive_step >= 1 and self.progressive_from % self.progressive_step == 0,
+                 f"{section}.progressive_step", "an integer >= 1 dividing progressive_from",
+                 self.progressive_step)
         _require(self.select_from >= 0, f"{section}.select_from", "an epoch >= 0 (0: off)",
                  self.select_from)
         _require(0 < self.select_fraction <= 1, f"{section}.select_fraction", "a share in (0, 1]",

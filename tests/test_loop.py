@@ -437,6 +437,35 @@ def test_progressive_resizing_grows_the_images_to_full_size_and_trains_on_them()
     assert seen == [16, 16, 24, 24, 32, 32, 32, 32]  # 2 steps an epoch
 
 
+def test_progressive_step_rounds_each_epoch_to_a_cheap_side() -> None:
+    def sides(step: int) -> list:
+        training = airbench_training(epochs=12.0, progressive_from=16, progressive_step=step)
+        found = []
+        for epoch in range(8):
+            training.epoch = epoch
+            size = training.image_size()
+            found.append(size and size[0])
+        return found
+
+    assert sides(1) == [16, 19, 21, 24, 27, 29, None, None]  # the linear ramp as it is
+    assert sides(4) == [16, 20, 20, 24, 28, 28, None, None]  # each to its nearest multiple of 4
+
+
+def test_airbench_costs_a_step_more_at_a_side_past_a_multiple_of_4() -> None:
+    """Why progressive_step 4 (params.yaml): its poolings' floors make 29 px cost about a
+    quarter more than 28, while 25 costs nearly what 28 does (forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = AirbenchNet(10, 3, 32, 32)
+    flops = {}
+    for side in (25, 28, 29):
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(2, 3, side, side)).sum().backward()
+        flops[side] = counter.get_total_flops()
+    assert flops[29] > 1.2 * flops[28]
+    assert flops[28] < 1.1 * flops[25]
+
+
 def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
     params = train_params(arch="lenet", progressive_from=16)
     model = build_model("lenet", 2, (3, 32, 32))

@@ -52,6 +52,10 @@ def test_project_params_load_into_typed_sections() -> None:
     (lambda p: p["train"].update(muon_momentum=1.0), "train.muon_momentum must be a number in [0, 1)"),
     (lambda p: p["train"].update(progressive_from=8), "train.progressive_from must be 0 (off) or a side length >= 16"),
     (lambda p: p["train"].update(progressive_until=0), "train.progressive_until must be a share in (0, 1]"),
+    (lambda p: p["train"].update(progressive_from=16, progressive_step=0),
+     "train.progressive_step must be an integer >= 1 dividing progressive_from"),
+    (lambda p: p["train"].update(progressive_from=18, progressive_step=4),
+     "train.progressive_step must be an integer >= 1 dividing progressive_from"),
     (lambda p: p["train"].update(select_fraction=0), "train.select_fraction must be a share in (0, 1]"),
     (lambda p: p["train"].update(select_from=-1), "train.select_from must be an epoch >= 0"),
     (lambda p: p["train"].update(select_from=2, sampler="balanced"),
@@ -105,8 +109,8 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
 RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "class_weights",
             "sampler"}
 # Keys read only under a setting airbench94 turns off (Muon, resizing, selection, freezing).
-OFF_IN_AIRBENCH94 = {"muon_lr", "muon_momentum", "progressive_until", "select_fraction",
-                     "freeze_blocks"}
+OFF_IN_AIRBENCH94 = {"muon_lr", "muon_momentum", "progressive_until", "progressive_step",
+                     "select_fraction", "freeze_blocks"}
 
 
 def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drifts() -> None:
