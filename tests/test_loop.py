@@ -439,7 +439,8 @@ def test_progressive_resizing_grows_the_images_to_full_size_and_trains_on_them()
 
 def test_progressive_step_rounds_each_epoch_to_a_cheap_side() -> None:
     def sides(step: int) -> list:
-        training = airbench_training(epochs=12.0, progressive_from=16, progressive_step=step)
+        training = airbench_training(epochs=12.0, progressive_from=16, progressive_until=0.5,
+                                      progressive_step=step)
         found = []
         for epoch in range(8):
             training.epoch = epoch
