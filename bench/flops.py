@@ -2,7 +2,10 @@
 
 The step's FLOPs are counted by torch's FlopCounterMode (convolutions and matmuls, forward and
 backward: the work that matters) and divided by its median time on the CPU; the peak is a
-large square matmul in the same precision, timed in the same process.
+large square matmul in the same precision, timed in the same process. A recipe's FLOPs add up
+its steps, each at its epoch's image size and with its epoch's frozen blocks.
+
+usage: python -m bench.flops [--recipes airbench94 default] [--examples 45000]
 """
 from __future__ import annotations
 
@@ -13,14 +16,17 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from stages.data import BatchLoader
 from stages.devices import keep_freed_memory, pick_precision
-from stages.loop import autocast
+from stages.loop import Training, autocast, scratch_groups, selected_count
 from stages.model import build_model
-from stages.params import Amp
+from stages.params import Amp, TrainParams
 
 CPU = torch.device("cpu")
 PEAK_SIDE = 4096  # large enough that the matmul runs at its best on every CPU kind measured
 REPEATS = 3
+COUNT_BATCH = 8  # images a step is counted on: FLOPs grow linearly with the batch
+CIFAR_TRAIN = 45_000  # CIFAR-10's training images under the default split (val_fraction 0.1)
 
 
 def median_seconds(fn, repeats: int = REPEATS) -> float:
@@ -70,10 +76,62 @@ def step_throughput(arch: str, batch_size: int, amp: Amp, size: int = 32) -> flo
     return flops / median_seconds(lambda: training_step(model, images, labels, dtype))
 
 
-if __name__ == "__main__":  # python -m bench.flops: the default step at full and lower sizes
+def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int = 10,
+                 side: int = 32) -> float:
+    """Training FLOPs of a whole recipe on `examples` square images: each epoch's steps, as
+    many as the loop takes (planned_steps, example selection), times a step's FLOPs at the
+    image size and with the blocks frozen that the loop's own Training gives that epoch.
+    Counts training only: not whitening, validation or TTA, all alike across recipes."""
+    torch.manual_seed(0)
+    model = build_model(params.arch, classes, (3, side, side)).train()
+    images = torch.zeros(1, 3, side, side).expand(examples, -1, -1, -1)  # no memory: shapes only
+    loader = BatchLoader(images, torch.arange(examples) % classes, params.batch_size,
+                         crop_padding=0, flip=False, shuffle=False,
+                         drop_last=examples >= params.batch_size, seed=0)
+    training = Training(model, scratch_groups(model, params), params, loader, CPU,
+                        pick_precision(CPU, False))
+    per_image: dict[tuple, float] = {}
+    total, steps_left = 0.0, training.total_steps
+    for epoch in range(training.epochs):
+        training.epoch = epoch
+        training.start_groups()  # frozen groups stop requiring gradients, as in the run
+        selected = params.select_from and epoch >= params.select_from
+        steps = min(steps_left, loader.batches(selected_count(params, examples) if selected else examples))
+        steps_left -= steps
+        size = training.image_size() or (side, side)
+        key = (size, tuple(p.requires_grad for p in model.parameters()))
+        if key not in per_image:
+            batch = torch.zeros(COUNT_BATCH, 3, *size)
+            labels = torch.zeros(COUNT_BATCH, dtype=torch.long)
+            per_image[key] = step_flops(model, batch, labels, None) / COUNT_BATCH
+        total += steps * min(params.batch_size, examples) * per_image[key]
+    return total
+
+
+def print_recipes(names: list[str], examples: int) -> None:
+    from bench.time_to_accuracy import BASELINE, recipe_params  # it imports this module
+    from stages.params import Params, build
+
+    totals = {name: recipe_flops(build(Params, recipe_params(name, {}), "").train, examples)
+              for name in names}
+    base = totals.get(BASELINE, totals[names[0]])
+    for name, total in totals.items():
+        print(f"{name}: {total / 1e12:.1f} TFLOP of training on {examples} images, "
+              f"{total / base:.2f} of {BASELINE if BASELINE in totals else names[0]}'s")
+
+
+def main() -> None:
+    """The default's step at full and lower sizes, then each recipe's training FLOPs."""
+    import argparse
+
     from stages.devices import cpu_summary
     from stages.params import load_params
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["airbench94", "default"],
+                        help="preset names under presets/, or default (params.yaml)")
+    parser.add_argument("--examples", type=int, default=CIFAR_TRAIN, help="training images")
+    args = parser.parse_args()
     train = load_params().train
     dtype = pick_precision(CPU, train.amp).dtype
     print(f"CPU {cpu_summary()}; matmul peak {matmul_peak(dtype) / 1e9:.0f} GFLOP/s")
@@ -83,3 +141,8 @@ if __name__ == "__main__":  # python -m bench.flops: the default step at full an
         flops = step_flops(model, images, torch.zeros(train.batch_size, dtype=torch.long), dtype)
         print(f"{train.arch} {side}x{side}, batch {train.batch_size}: {flops / train.batch_size / 1e6:.0f} "
               f"MFLOP per image, {step_throughput(train.arch, train.batch_size, train.amp, side) / 1e9:.0f} GFLOP/s")
+    print_recipes(args.recipes, args.examples)
+
+
+if __name__ == "__main__":
+    main()

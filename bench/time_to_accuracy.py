@@ -11,7 +11,9 @@ machine whose speed drifts slows both alike, each in a scratch directory and wit
 pass at the end (`eval_every: 0`, whatever the recipe says); then scores its model
 on the test split with the recipe's TTA. Prints each run, then per recipe the test accuracy's
 mean and spread (sample standard deviation), the train stage's mean time, its ratio to the
-baseline's, and one training step's achieved GFLOP/s against this machine's matmul peak.
+baseline's, the recipe's training FLOPs and their ratio (bench.flops.recipe_flops: what the
+time ratio would be if every FLOP ran as fast), and one training step's achieved GFLOP/s
+against this machine's matmul peak.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.flops import matmul_peak, step_throughput
-from stages.data import decode_split, normalize, read_classes
+from bench.flops import matmul_peak, recipe_flops, step_throughput
+from stages.data import decode_split, normalize, read_annotations, read_classes
 from stages.devices import cpu_summary, pick_precision
 from stages.loop import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.model import load_trained
@@ -108,11 +110,12 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(recipes: list[Recipe], peak: float) -> list[str]:
+def table(recipes: list[Recipe], peak: float, examples: int) -> list[str]:
     base = next((r for r in recipes if r.name == BASELINE), recipes[0])
     base_s = statistics.mean(base.stage_seconds)
+    flops = {r.name: recipe_flops(build(Params, r.params, "").train, examples) for r in recipes}
     lines = [f"{'recipe':<12} {'test accuracy':>17} {'train stage s':>14} {'training s':>11} "
-             f"{'time ratio':>11} {'CPU step GFLOP/s':>17} {'of peak':>8}"]
+             f"{'time ratio':>11} {'TFLOP':>7} {'FLOP ratio':>11} {'CPU step GFLOP/s':>17} {'of peak':>8}"]
     for recipe in recipes:
         train = recipe.params["train"]
         flops_per_s = step_throughput(train["arch"], train["batch_size"], train["amp"])
@@ -120,6 +123,7 @@ def table(recipes: list[Recipe], peak: float) -> list[str]:
         lines.append(f"{recipe.name:<12} {statistics.mean(recipe.accuracies):>8.4f} +- "
                      f"{spread(recipe.accuracies):.4f} {stage_s:>14.0f} "
                      f"{statistics.mean(recipe.training_seconds):>11.0f} {stage_s / base_s:>11.2f} "
+                     f"{flops[recipe.name] / 1e12:>7.1f} {flops[recipe.name] / flops[base.name]:>11.2f} "
                      f"{flops_per_s / 1e9:>17.0f} {flops_per_s / peak:>8.2f}")
     return lines
 
@@ -144,7 +148,9 @@ def main() -> None:
     precision = pick_precision(torch.device("cpu"), "auto")
     peak = matmul_peak(precision.dtype)
     print(f"CPU matmul peak ({precision.name}, measured): {peak / 1e9:.0f} GFLOP/s")
-    print("\n".join(table(recipes, peak)))
+    classes = read_classes(args.images_dir)
+    examples = len(read_annotations(args.images_dir / "train.csv", args.images_dir, len(classes)).labels)
+    print("\n".join(table(recipes, peak, examples)))
     print(f"goal: the default's time ratio <= {GOAL_RATIO} at a mean test accuracy >= {BASELINE}'s")
 
 
