@@ -6,7 +6,7 @@ import torch
 from bench import flops, time_to_accuracy
 from bench.time_to_accuracy import Recipe, recipe_params, stage_params, table
 from stages.model import build_model
-from stages.params import Params, build
+from stages.params import Params, TrainParams, build
 
 
 def test_a_step_counts_forward_and_weight_gradient_matmuls() -> None:
@@ -35,7 +35,7 @@ def test_every_timed_run_validates_once_whatever_its_recipe_says() -> None:
     assert baseline["train"]["eval_every"] == 1  # the recipe itself is left as it was
 
 
-def lenet(**changes: object) -> object:
+def lenet(**changes: object) -> TrainParams:
     """The default recipe on LeNet (which cannot resize), 16-image batches, nothing cut."""
     plain = {"train.arch": "lenet", "train.batch_size": 16, "train.progressive_from": 0,
              "train.select_from": 0, "train.freeze_from": 0}
@@ -74,6 +74,14 @@ def test_a_recipe_counts_smaller_images_as_fewer_flops() -> None:
     resized_flops = flops.recipe_flops(build(Params, resized, "").train, examples=2048)
     # the first 60% of the epochs at 16-28 pixels instead of 32
     assert 0.6 * full_flops < resized_flops < 0.7 * full_flops
+
+
+def test_recipes_print_their_flops_against_the_baseline(capsys) -> None:
+    flops.print_recipes(["default", "airbench94"], examples=2048)
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["airbench94"].endswith("1.00 of airbench94's")
+    default_ratio = float(lines["default"].split(", ")[1].split()[0])
+    assert 0.5 < default_ratio < 0.9  # progressive resizing, selection and freezing cut it
 
 
 def test_table_gives_mean_spread_and_time_ratio_to_the_baseline(monkeypatch) -> None:
