@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stages.data import BatchLoader
 from stages.devices import keep_freed_memory, pick_precision
-from stages.loop import Training, autocast, scratch_groups, selected_count
+from stages.loop import Training, autocast, scratch_groups
 from stages.model import build_model
 from stages.params import Amp, TrainParams
 
@@ -80,7 +80,7 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
                  side: int = 32) -> float:
     """Training FLOPs of a whole recipe on `examples` square images: each epoch's steps, as
     many as the loop takes (planned_steps, example selection), times a step's FLOPs at the
-    image size and with the blocks frozen that the loop's own Training gives that epoch.
+    image size and with the blocks frozen that Training.begin_epoch gives that epoch.
     Counts training only: not whitening, validation or TTA, all alike across recipes."""
     torch.manual_seed(0)
     model = build_model(params.arch, classes, (3, side, side)).train()
@@ -94,11 +94,10 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
     total, steps_left = 0.0, training.total_steps
     for epoch in range(training.epochs):
         training.epoch = epoch
-        training.start_groups()  # frozen groups stop requiring gradients, as in the run
-        selected = params.select_from and epoch >= params.select_from
-        steps = min(steps_left, loader.batches(selected_count(params, examples) if selected else examples))
+        # as in the run: frozen groups stop requiring gradients, the loader keeps the selected share
+        size = training.begin_epoch() or (side, side)
+        steps = min(steps_left, len(loader))
         steps_left -= steps
-        size = training.image_size() or (side, side)
         key = (size, tuple(p.requires_grad for p in model.parameters()))
         if key not in per_image:
             batch = torch.zeros(COUNT_BATCH, 3, *size)
@@ -114,10 +113,10 @@ def print_recipes(names: list[str], examples: int) -> None:
 
     totals = {name: recipe_flops(build(Params, recipe_params(name, {}), "").train, examples)
               for name in names}
-    base = totals.get(BASELINE, totals[names[0]])
+    base = BASELINE if BASELINE in totals else names[0]
     for name, total in totals.items():
         print(f"{name}: {total / 1e12:.1f} TFLOP of training on {examples} images, "
-              f"{total / base:.2f} of {BASELINE if BASELINE in totals else names[0]}'s")
+              f"{total / totals[base]:.2f} of {base}'s")
 
 
 def main() -> None:

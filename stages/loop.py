@@ -441,11 +441,16 @@ class Training:
         totals = all_sum(measured, self.ranks)
         self.losses = torch.where(totals[1] > 0, totals[0], self.losses)
 
-    def run_epoch(self) -> dict[str, float]:
-        """One pass over the loader; returns train loss/accuracy read once at the end."""
+    def begin_epoch(self) -> tuple[int, int] | None:
+        """An epoch's set-up, before its first step: groups started or stopped, the examples
+        selected; returns its image size (None: full size). bench.flops counts a recipe by it."""
         self.start_groups()
         self.select()
-        size = self.image_size()
+        return self.image_size()
+
+    def run_epoch(self) -> dict[str, float]:
+        """One pass over the loader; returns train loss/accuracy read once at the end."""
+        size = self.begin_epoch()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
