@@ -1,4 +1,4 @@
-"""Benchmark 7: airbench94's own script (KellerJordan/cifar10-airbench, legacy/airbench94.py)
+"""Benchmark: airbench94's own script (KellerJordan/cifar10-airbench, legacy/airbench94.py)
 moved to this CPU and fed this project's split: the outside baseline of #13, beside which the
 default's train stage (bench.time_to_accuracy) is read.
 

@@ -1,4 +1,4 @@
-"""Benchmark 5: a CPU training step under glibc malloc's default against the memory kept
+"""Benchmark: a CPU training step under glibc malloc's default against the memory kept
 (stages.devices.keep_freed_memory, which every stage on the CPU sets).
 
 usage: python -m bench.allocator [--images 45000] [--rounds 3] [--steps 3]

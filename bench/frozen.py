@@ -1,4 +1,4 @@
-"""Benchmark 6: CPU training steps while a parameter group is frozen, its gradients skipped
+"""Benchmark: CPU training steps while a parameter group is frozen, its gradients skipped
 (what one eager process does: Training.skip_frozen) against computed at zero learning rate
 (what compiled and distributed runs do).
 

@@ -1,4 +1,4 @@
-"""Benchmark 7: the train stage's CPU step at each progressive-resizing size, with the conv
+"""Benchmark: the train stage's CPU step at each progressive-resizing size, with the conv
 weight gradients of small maps taken as one matrix product (stages.model.PatchMatmulConv,
 what training does) against oneDNN's kernel for all of them (Conv3x3.MATMUL_WGRAD_UP_TO = 0).
 

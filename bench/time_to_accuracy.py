@@ -1,4 +1,4 @@
-"""Benchmark 4: time to accuracy, airbench94's recipe (the baseline) beside the default.
+"""Benchmark: time to accuracy, airbench94's recipe (the baseline) beside the default.
 
 usage: python -m bench.time_to_accuracy [IMAGES_DIR] [--seeds 0 1 2] [--recipes airbench94 default]
                                         [--set SECTION.KEY=VALUE ...]
