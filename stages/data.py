@@ -1,11 +1,16 @@
-"""The CSV-annotated image folder: reading and checking it, per sample or decoded at once.
+"""The CSV-annotated image folder: reading and checking it, per sample, decoded at once, or
+from the packs preprocess wrote beside it.
 
 `CsvImageDataset` is the tutorials' custom Dataset for any such folder. The training stages
-instead decode a split once into one uint8 tensor (`decode_split`) and draw augmented batches
-from it on the training device (`BatchLoader`), as airbench's CifarLoader does.
+instead read each split's pack (`load_data`) and draw augmented batches from it: held whole on
+the training device where it fits the memory budget (`BatchLoader`, as airbench's CifarLoader
+does), else read batch by batch from the pack in background threads (`StreamLoader`), with the
+same batches for the same seed.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import csv
 import hashlib
@@ -13,17 +18,18 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from stages.folder import CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE
+from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
+                           pack_header, pack_path)
 from stages.outputs import StageError
 
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
@@ -128,13 +134,7 @@ def _check_row(row: list[str], resolve: _Resolver, num_classes: int, where: str)
 def load_image(path: Path, channels: int, size: tuple[int, int] | None = None) -> Image.Image:
     """Open an image as RGB (3 channels) or grayscale (1), checking its size when `size`
     (width, height) is given."""
-    try:
-        with Image.open(path) as image:
-            converted = image.convert(MODES[channels])
-    except FileNotFoundError:
-        raise StageError(f"{path}: image listed in the CSV does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise StageError(f"{path}: not a readable image ({err})") from None
+    converted = decode_image(path, MODES[channels])
     if size is not None and converted.size != size:
         raise StageError(f"{path}: image is {converted.size[0]}x{converted.size[1]}, expected "
                          f"{size[0]}x{size[1]}")
@@ -211,10 +211,10 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (images.float() - mean_t) / std_t
 
 
-def crop_windows(padded: torch.Tensor, size: int) -> torch.Tensor:
-    """Every size x size window of each padded image, as a view (no copy): for padding p,
-    N x C x (2p + 1) x (2p + 1) x size x size, indexed [image, :, dy, dx]."""
-    return padded.unfold(2, size, 1).unfold(3, size, 1)
+def crop_windows(padded: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Every height x width window of each padded image, as a view (no copy): for padding p,
+    N x C x (2p + 1) x (2p + 1) x height x width, indexed [image, :, dy, dx]."""
+    return padded.unfold(2, height, 1).unfold(3, width, 1)
 
 
 class BatchLoader:
@@ -243,13 +243,19 @@ class BatchLoader:
         self.epoch = 0
         # example selection (loop.Training): the indices an epoch draws from; None draws all
         self.subset: torch.Tensor | None = None
+        # epoch 0's flips, one per image, drawn first from the generator
+        self.flipped = torch.rand(len(labels), generator=self.generator) < 0.5 if flip else None
+        self.hold(images)
+
+    def hold(self, images: torch.Tensor) -> None:
+        """Keep the whole set as epoch 0 draws it: flipped where drawn, reflect-padded once."""
         self.base = images
-        if flip:
-            mask = torch.rand(len(images), generator=self.generator) < 0.5
-            self.base = torch.where(mask.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
-        if crop_padding:
-            self.base = F.pad(self.base, (crop_padding,) * 4, mode="reflect")
-            self.windows = crop_windows(self.base, images.size(-1))
+        if self.flipped is not None:
+            mask = self.flipped.to(images.device).view(-1, 1, 1, 1)
+            self.base = torch.where(mask, images.flip(-1), images)
+        if self.crop_padding:
+            self.base = F.pad(self.base, (self.crop_padding,) * 4, mode="reflect")
+            self.windows = crop_windows(self.base, *images.shape[-2:])
 
     def __len__(self) -> int:
         return self.batches(len(self.labels) if self.subset is None else len(self.subset))
@@ -265,6 +271,13 @@ class BatchLoader:
 
     def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The epoch's batches with the set indices of their images."""
+        shifts, mirror, indices = self.plan()
+        for index in indices:
+            yield self.batch(index, shifts, mirror), self.labels[index], index
+
+    def plan(self) -> tuple[torch.Tensor | None, bool, list[torch.Tensor]]:
+        """An epoch's random draws, all at its start: crop offsets, whether the set is mirrored,
+        and each batch's set indices (this rank's share)."""
         n = len(self.labels)
         # A whole epoch's crop offsets and order at once, from the CPU generator (see above).
         shifts = None
@@ -282,9 +295,8 @@ class BatchLoader:
         order = order.to(self.images.device)
         mirror = self.flip and self.epoch % 2 == 1
         self.epoch += 1
-        for i in range(len(self)):
-            index = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
-            yield self.batch(index, shifts, mirror), self.labels[index], index
+        return shifts, mirror, [order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+                                for i in range(len(self))]
 
     def batch(self, index: torch.Tensor, shifts: torch.Tensor | None, mirror: bool) -> torch.Tensor:
         """Images `index`, each cropped at its own offset by one gather from the windows view:
@@ -313,31 +325,181 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+class Pack:
+    """A split's packed images (preprocess's <split>.npy, stages/folder.py), read by rows.
+
+    Rows are read with pread, never through a memory map: the pages a map touches count as the
+    process's own memory until it unmaps them, so streaming an epoch through one would grow
+    the process to the file's size; read, they stay in the kernel's page cache."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.path = pack_path(root, split)
+        shape, self.offset = pack_header(self.path)
+        self.shape = torch.Size(shape)
+        self.row_bytes = math.prod(shape[1:])
+        self.fd = os.open(self.path, os.O_RDONLY)  # pread is safe from several threads at once
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """uint8 len(index) x C x H x W, rows in `index`'s order; runs of consecutive rows are
+        read in one call each."""
+        out = np.empty((len(index), *self.shape[1:]), dtype=np.uint8)
+        flat = out.reshape(len(index), -1)
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)]):
+            view = memoryview(flat[start:stop]).cast("B")
+            got = os.preadv(self.fd, [view], self.offset + int(index[start]) * self.row_bytes)
+            if got != len(view):
+                raise StageError(f"{self.path}: ended early reading row {index[start]}; it is "
+                                 "truncated: run `dvc repro preprocess`")
+        return out
+
+    def read_all(self) -> np.ndarray:
+        return self.read(np.arange(len(self)))
+
+
+class PackedImages:
+    """A split streamed from its pack: normalized images on the device, read as they are asked
+    for. It serves the part of a tensor's interface that training and evaluation use: len,
+    shape, device, indexing by a slice or an index tensor, and split into batches."""
+
+    def __init__(self, pack: Pack, stats: dict[str, list[float]], device: torch.device) -> None:
+        self.pack, self.stats, self.device = pack, stats, device
+        self.shape = pack.shape
+
+    def __len__(self) -> int:
+        return len(self.pack)
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        rows = (np.arange(len(self))[index] if isinstance(index, slice)
+                else index.cpu().numpy())
+        images = torch.from_numpy(self.pack.read(rows))
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        return normalize(images.to(self.device), self.stats["mean"], self.stats["std"])
+
+    def split(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The split in order, `batch_size` at a time, the next batch read while this one is used."""
+        starts = range(0, len(self), batch_size)
+        yield from prefetched((slice(i, i + batch_size) for i in starts), self.__getitem__, 1)
+
+
+def prefetched(items: Iterable, load: Callable, workers: int) -> Iterator:
+    """load(item) for each item in order, up to workers + 1 of them loading ahead in threads."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        ahead: collections.deque = collections.deque()
+        for item in items:
+            ahead.append(pool.submit(load, item))
+            if len(ahead) > workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+class StreamLoader(BatchLoader):
+    """BatchLoader's batches, the same for the same seed, read from a split's pack as they are
+    needed (`workers` threads loading ahead of the step) instead of held in memory: for a set
+    larger than the memory budget. Each rank reads its own share only."""
+
+    def __init__(self, images: PackedImages, labels: torch.Tensor, batch_size: int, *,
+                 workers: int, **options: object) -> None:
+        self.workers = workers
+        super().__init__(images, labels, batch_size, **options)  # type: ignore[arg-type]
+
+    def hold(self, images: PackedImages) -> None:
+        """Nothing held: each batch is flipped and padded as it is read."""
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        shifts, mirror, indices = self.plan()
+        batches = prefetched(indices, lambda index: self.batch(index, shifts, mirror), self.workers)
+        for index, images in zip(indices, batches):
+            yield images, self.labels[index], index
+
+    def batch(self, index: torch.Tensor, shifts: torch.Tensor | None, mirror: bool) -> torch.Tensor:
+        """BatchLoader.batch's images, from the pack: flipped as epoch 0 drew them, padded and
+        cropped at each image's own offset."""
+        images = self.images[index]
+        if self.flipped is not None:
+            mask = self.flipped[index.cpu()].to(images.device).view(-1, 1, 1, 1)
+            images = torch.where(mask, images.flip(-1), images)
+        if shifts is not None:
+            padded = F.pad(images, (self.crop_padding,) * 4, mode="reflect")
+            windows = crop_windows(padded, *images.shape[-2:])
+            rows = torch.arange(len(index), device=images.device)
+            images = windows[rows, :, shifts[index, 0], shifts[index, 1]]
+        return images.flip(-1) if mirror else images
+
+
+Images = torch.Tensor | PackedImages  # a split in memory, or streamed from its pack
+
+
 @dataclass(frozen=True)
 class Data:
-    """The splits a training stage needs, decoded once and normalized on the device."""
+    """The splits a training stage needs, normalized on the device or streamed from their packs."""
     classes: list[str]
     normalization: dict[str, list[float]]
-    train_images: torch.Tensor
+    train_images: Images
     train_labels: torch.Tensor
-    val: tuple[torch.Tensor, torch.Tensor] | None
+    val: tuple[Images, torch.Tensor] | None
     fingerprint: str  # of the CSVs: a checkpoint from other data is not resumed
 
 
-def load_split(root: Path, split: str, classes: list[str], stats: dict[str, list[float]],
-               device: torch.device, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = decode_split(root / f"{split}.csv", root, len(classes), workers)
-    return normalize(to_device(images, device), stats["mean"], stats["std"]), labels.to(device)
+def read_labels(csv_path: Path, count: int, num_classes: int) -> torch.Tensor:
+    """The label column of a split's CSV, checked against its pack's length and the classes."""
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            labels = [row[1] for row in reader if len(row) == len(CSV_HEADER)]
+    except FileNotFoundError:
+        raise StageError(f"{csv_path}: not found; run `dvc repro preprocess`") from None
+    if header != list(CSV_HEADER) or len(labels) != count:
+        raise StageError(f"{csv_path}: expected a {','.join(CSV_HEADER)} header and {count} rows, "
+                         "one per image of its pack; run `dvc repro preprocess`")
+    if not all(text.isdigit() and int(text) < num_classes for text in labels):
+        raise StageError(f"{csv_path}: a label outside [0, {num_classes}); run `dvc repro preprocess`")
+    return torch.tensor([int(text) for text in labels], dtype=torch.int64)
 
 
-def load_data(root: Path, device: torch.device, workers: int) -> Data:
+# Bytes per pixel value an in-memory split takes: the uint8 read, its float32 copy, and for
+# training the flipped and the padded float32 copies the batches are gathered from.
+IN_MEMORY_BYTES = {"train": 1 + 4 + 4 + 4, "val": 1 + 4}
+
+
+def load_split(root: Path, split: str, num_classes: int, stats: dict[str, list[float]],
+               device: torch.device, stream: bool) -> tuple[Images, torch.Tensor]:
+    pack = Pack(root, split)
+    labels = read_labels(root / f"{split}.csv", len(pack), num_classes).to(device)
+    if stream:
+        return PackedImages(pack, stats, device), labels
+    images = to_device(torch.from_numpy(pack.read_all()), device)
+    return normalize(images, stats["mean"], stats["std"]), labels
+
+
+def load_data(root: Path, device: torch.device, budget: int) -> Data:
+    """The training and validation splits: in memory on the device when their copies fit
+    `budget` bytes, else streamed from their packs."""
     classes = read_classes(root)
     stats = read_normalization(root)
-    train_images, train_labels = load_split(root, "train", classes, stats, device, workers)
-    has_val = (root / "val.csv").exists()
-    val = load_split(root, "val", classes, stats, device, workers) if has_val else None
+    splits = ["train", *(["val"] if (root / "val.csv").exists() else [])]
+    needed = sum(math.prod(pack_header(pack_path(root, s))[0]) * IN_MEMORY_BYTES[s] for s in splits)
+    stream = needed > budget
+    print(f"data: {'streamed from the packs' if stream else 'in memory'}: the splits take "
+          f"{needed / 2 ** 20:.0f} MiB in memory, the budget is {budget / 2 ** 20:.0f} MiB "
+          "(train.memory_budget)")
+    train = load_split(root, "train", len(classes), stats, device, stream)
+    val = load_split(root, "val", len(classes), stats, device, stream) if len(splits) > 1 else None
     digest = hashlib.sha256()
     for name in ("train.csv", "val.csv", NORMALIZATION_FILE):
         if (root / name).exists():
             digest.update((root / name).read_bytes())
-    return Data(classes, stats, train_images, train_labels, val, digest.hexdigest())
+    return Data(classes, stats, *train, val, digest.hexdigest())

@@ -2,9 +2,11 @@
 files and checksums, and how its files are laid out. One home for these facts; download,
 extract and preprocess read them from here.
 
-Two distribution formats:
+Three distribution formats:
 - "cifar": one python-pickle tarball (CIFAR-10, CIFAR-100), extracted member by member;
-- "idx": four gzip'd IDX files beside each other (MNIST, Fashion-MNIST), each decompressed.
+- "idx": four gzip'd IDX files beside each other (MNIST, Fashion-MNIST), each decompressed;
+- "folder": a person's own images (`download.dataset: folder`), a folder or a .tar, .tar.gz
+  or .zip of one, in the ImageFolder or the CSV layout (stages/imagefolder.py).
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    format: Literal["cifar", "idx"]
-    url: str  # the tarball (cifar) or the folder holding the four files (idx, ends with /)
-    md5: dict[str, str]  # downloaded file name -> md5 of the official bytes
+    format: Literal["cifar", "idx", "folder"]
+    # the tarball (cifar) or the folder holding the four files (idx, ends with /); a folder
+    # data set has none: download.url names it
+    url: str
+    md5: dict[str, str]  # downloaded file name -> md5 of the official bytes (folder: none)
     # cifar: the folder inside the tarball; its training and test batches, its meta member
     # with the class names under `names_key`, the batches' label key; optional members
     folder: str = ""
@@ -69,6 +73,7 @@ DATASETS: dict[str, Dataset] = {
         # the official names, made folder-safe ("T-shirt/top" -> "T-shirt_top")
         classes=("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle_boot")),
+    "folder": Dataset("folder", "folder", "", {}),
 }
 
 

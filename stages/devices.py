@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stages.outputs import StageError
+from stages.params import parse_bytes
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,6 +50,26 @@ def pick_device(name: str) -> torch.device:
     if name == "cpu":
         keep_freed_memory()
     return torch.device(name)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device has free now: the GPU's own memory, else the machine's available
+    memory (Linux's MemAvailable: free plus reclaimable cache)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the physical memory's quarter, a guess
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def memory_budget(setting: str, device: torch.device) -> int:
+    """train.memory_budget in bytes: the size given, or half the device's free memory."""
+    return free_memory(device) // 2 if setting == "auto" else parse_bytes(setting)
 
 
 # glibc's mallopt parameters (malloc.h)

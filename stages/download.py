@@ -2,6 +2,11 @@
 
 usage: python -m stages.download OUT_DIR
 
+`download.dataset: folder` takes a person's own images: `download.url` a local folder (copied
+into OUT_DIR/images, refusing links and special files) or a .tar, .tar.gz, .tgz or .zip of one
+(a plain path, file:// or http(s) URL), fetched as below and checked against `download.md5`
+when one is given (its md5 is printed either way, to pin it).
+
 `download.dataset` names the data set (stages/datasets.py); `download.url` null means its
 official location, else a mirror: the tarball (CIFAR) or the folder holding the four .gz files
 (MNIST-style), as an http(s):// or file:// URL or a plain path. `download.md5` null means the
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import shutil
 import sys
 import time
@@ -149,8 +155,9 @@ def sources(params: DownloadParams) -> list[tuple[str, str, str]]:
     return [(folder + name, name, md5[name]) for name in dataset.md5]
 
 
-def fetch_verified(url: str, part: Path, md5: str, params: DownloadParams) -> None:
-    """`url` into `part`, checked against `md5`; a failed check deletes `part`."""
+def fetch_verified(url: str, part: Path, md5: str | None, params: DownloadParams) -> None:
+    """`url` into `part`, checked against `md5` (None: printed, not checked); a failed check
+    deletes `part`."""
     source = local_source(url)
     if source is None:
         fetch(url, part, params.timeout, params.retries)  # a failed .part stays, to resume
@@ -162,6 +169,9 @@ def fetch_verified(url: str, part: Path, md5: str, params: DownloadParams) -> No
             part.unlink(missing_ok=True)  # a local copy is cheap to redo: keep no half file
             raise
     got = md5_of(part)
+    if md5 is None:
+        print(f"download: {url} has md5 {got}; set download.md5 to it to check it on every run")
+        return
     if got != md5:
         part.unlink()
         raise StageError(f"{url}: md5 {got} does not match download.md5 {md5} (the official "
@@ -170,12 +180,60 @@ def fetch_verified(url: str, part: Path, md5: str, params: DownloadParams) -> No
                          "`dvc repro download`")
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+FOLDER_COPY = "images"  # the name of a copied local folder inside OUT_DIR
+
+
+def copy_folder(source: Path, out: Path) -> int:
+    """A local image folder into `out`/images, file by file: a link (which could lead outside
+    the folder) or a special file is refused, naming it. Returns the number of files."""
+    count = 0
+    with atomic_dir(out) as tmp:
+        for folder, dirs, files in os.walk(source):
+            here = Path(folder)
+            target = tmp / FOLDER_COPY / here.relative_to(source)
+            target.mkdir(parents=True)
+            for name in sorted(dirs + files):
+                path = here / name
+                if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                    kind = "a link" if path.is_symlink() else "not a regular file"
+                    raise StageError(f"{path}: {kind}; the image folder must hold plain files and "
+                                     "folders only (copy the file itself in, or remove it)")
+                if path.is_file():
+                    shutil.copyfile(path, target / name)
+                    count += 1
+    return count
+
+
+def download_folder(params: DownloadParams, out: Path) -> None:
+    """`download.dataset: folder`: a local folder copied, or one archive fetched or copied."""
+    assert params.url is not None  # DownloadParams.check requires it for folder
+    source = local_source(params.url)
+    if source is not None and source.is_dir():
+        count = copy_folder(source, out)
+        print(f"download: folder, {count} file(s) copied from {source} into {out}")
+        return
+    name = Path(urllib.parse.urlparse(params.url).path).name
+    if not name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise StageError(f"download.url {params.url!r}: expected a folder, or an archive named "
+                         f"*{', *'.join(ARCHIVE_SUFFIXES)}")
+    assert not isinstance(params.md5, dict)  # DownloadParams.check refuses a mapping for folder
+    part = out.with_name(f"{out.name}-{name}.part")
+    fetch_verified(params.url, part, params.md5, params)
+    with atomic_dir(out) as tmp:
+        shutil.move(part, tmp / name)
+    print(f"download: folder, {name} into {out}")
+
+
 def download(params: DownloadParams, out: Path) -> None:
     """Fetch or copy the data set's files into `out`, each verified by md5; on failure no
     `out` exists (HTTP .part files stay beside it, to resume)."""
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if DATASETS[params.dataset].format == "folder":
+        download_folder(params, out)
+        return
     files = sources(params)
     parts = [out.with_name(f"{out.name}-{name}.part") for _, name, _ in files]
     for (url, _, md5), part in zip(files, parts):

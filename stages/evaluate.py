@@ -13,11 +13,12 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from stages.data import decode_split, normalize, read_classes, to_device
+from stages.data import Images, Pack, PackedImages, read_classes, read_labels
 from stages.devices import announce, hardware, pick_device, pick_precision
 from stages.folder import CLASSES_FILE
 from stages.loop import loss_and_accuracy, predict_levels
@@ -25,7 +26,7 @@ from stages.model import load_trained
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.params import TTA_LEVELS, EvaluateParams, load_params
 
-CELL_SCALE = 3  # 32 px images drawn at 96 px, so that they are recognisable
+CELL_SIDE = 96  # pixels a small test image is enlarged to in the grid
 LABEL_HEIGHT = 14
 GRID_COLUMNS = 8
 
@@ -44,7 +45,7 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return (2 * tp / denominator.clamp_min(1)).mean().item()
 
 
-def score(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+def score(model: torch.nn.Module, images: Images, labels: torch.Tensor, classes: list[str],
           batch_size: int, dtype: torch.dtype | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Metrics for one model; returns (metrics, confusion counts, predictions without TTA).
     Per-class figures go to per_class.csv and its plot, not into the metrics: a column each
@@ -79,20 +80,24 @@ def write_per_class(path: Path, confusion: torch.Tensor, classes: list[str]) -> 
         writer.writerows(zip(classes, [round(value, 5) for value in per_class.tolist()]))
 
 
-def misclassified_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+def misclassified_grid(pack: Pack, labels: torch.Tensor, predictions: torch.Tensor,
                        classes: list[str], count: int) -> Image.Image:
-    """A grid of the first `count` wrong test images, each captioned `true>predicted`."""
+    """A grid of the first `count` wrong test images, each captioned `true>predicted`; small
+    images are drawn enlarged (32 px at 96), so that they are recognisable."""
     wrong = torch.nonzero(labels != predictions).flatten()[:count].tolist()
-    cell = images.size(-1) * CELL_SCALE
+    images = torch.from_numpy(pack.read(np.array(wrong, dtype=np.int64)))
+    height, width = pack.shape[-2:]
+    scale = max(1, CELL_SIDE // max(height, width))
+    cell_w, cell_h = width * scale, height * scale
     rows = max(1, -(-len(wrong) // GRID_COLUMNS))
-    grid = Image.new("RGB", (GRID_COLUMNS * cell, rows * (cell + LABEL_HEIGHT)), "white")
+    grid = Image.new("RGB", (GRID_COLUMNS * cell_w, rows * (cell_h + LABEL_HEIGHT)), "white")
     draw = ImageDraw.Draw(grid)
-    for slot, index in enumerate(wrong):
-        x, y = (slot % GRID_COLUMNS) * cell, (slot // GRID_COLUMNS) * (cell + LABEL_HEIGHT)
-        image = torchvision.transforms.functional.to_pil_image(images[index])
-        grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
+    for slot, (index, pixels) in enumerate(zip(wrong, images)):
+        x, y = (slot % GRID_COLUMNS) * cell_w, (slot // GRID_COLUMNS) * (cell_h + LABEL_HEIGHT)
+        image = torchvision.transforms.functional.to_pil_image(pixels)
+        grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (x, y))
         caption = f"{classes[labels[index]]}>{classes[predictions[index]]}"
-        draw.text((x + 2, y + cell + 1), caption[:16], fill="black")
+        draw.text((x + 2, y + cell_h + 1), caption[:16], fill="black")
     return grid
 
 
@@ -103,8 +108,9 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
     announce(device, precision)
     machine = hardware(device, precision)
     classes = read_classes(images_dir)
-    raw_images, labels = decode_split(images_dir / "test.csv", images_dir, len(classes))
-    device_images, device_labels = to_device(raw_images, device), labels.to(device)
+    pack = Pack(images_dir, "test")  # streamed, a batch at a time: any size of test split fits
+    labels = read_labels(images_dir / "test.csv", len(pack), len(classes))
+    device_labels = labels.to(device)
     results: dict[str, dict] = {}
     with atomic_dir(plots_dir) as plots_tmp:
         for model_dir in model_dirs:
@@ -112,8 +118,11 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             if card.classes != classes:
                 raise StageError(f"{model_dir}/model.json: classes {card.classes} differ from "
                                  f"{images_dir / CLASSES_FILE} {classes}")
-            stats = card.normalization
-            images = normalize(device_images, stats["mean"], stats["std"])
+            if card.shape != tuple(pack.shape[1:]):
+                raise StageError(f"{model_dir}/model.json: the model takes {card.shape} (channels, "
+                                 f"height, width) images, {pack.path} holds {tuple(pack.shape[1:])}; "
+                                 "retrain it on this image folder (`dvc repro`)")
+            images = PackedImages(pack, card.normalization, device)
             model = model.to(device, memory_format=torch.channels_last)
             metrics, confusion, predictions = score(model, images, device_labels, classes,
                                                     params.batch_size, precision.dtype)
@@ -121,7 +130,7 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             out.mkdir()
             write_confusion(out / "confusion.csv", confusion, classes)
             write_per_class(out / "per_class.csv", confusion, classes)
-            misclassified_grid(raw_images, labels, predictions.cpu(), classes,
+            misclassified_grid(pack, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))
             results[model_dir.name] = {**metrics, **machine}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from stages.data import load_data
+from stages.devices import memory_budget
 from stages.loop import param_groups
 from stages.model import Architecture, ModelCard, build_model, load_weights
 from stages.outputs import StageError, stage_main
@@ -118,7 +119,7 @@ def main() -> None:
         torch.manual_seed(params.seed)
         init = Path(tune.init)
         loaded = read_state_dict(init)
-        data = load_data(images_dir, env.device, params.workers)
+        data = load_data(images_dir, env.device, memory_budget(params.memory_budget, env.device))
         model = build_model(params.arch, len(data.classes), tuple(data.train_images.shape[1:]))
         report = match_weights(model, loaded, init)
         if env.ranks.main:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import BatchLoader, class_balance
+from stages.data import BatchLoader, Images, PackedImages, StreamLoader, class_balance
 from stages.devices import Precision, Ranks, Stopwatch, all_sum, wrap
 from stages.model import Architecture, load_weights, torch_bytes
 from stages.outputs import StageError, atomic_file
@@ -125,13 +125,16 @@ def freeze_leading(groups: list[Group], model: Architecture, blocks: int, epoch:
     return split
 
 
-def training_loader(params: TrainParams, images: torch.Tensor, labels: torch.Tensor, seed: int,
+def training_loader(params: TrainParams, images: Images, labels: torch.Tensor, seed: int,
                     ranks: Ranks = Ranks()) -> BatchLoader:
-    """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller)."""
-    return BatchLoader(images, labels, params.batch_size, crop_padding=params.crop_padding,
-                       flip=params.flip, shuffle=True, drop_last=len(labels) >= params.batch_size,
-                       seed=seed, shard=(ranks.rank, ranks.world),
-                       balanced=params.sampler == "balanced")
+    """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller);
+    streamed from the pack when the images are."""
+    options = dict(crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
+                   drop_last=len(labels) >= params.batch_size, seed=seed,
+                   shard=(ranks.rank, ranks.world), balanced=params.sampler == "balanced")
+    if isinstance(images, PackedImages):
+        return StreamLoader(images, labels, params.batch_size, workers=params.workers, **options)
+    return BatchLoader(images, labels, params.batch_size, **options)
 
 
 def planned_steps(params: TrainParams, loader: BatchLoader) -> int:

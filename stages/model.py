@@ -33,7 +33,11 @@ from stages.folder import MODES
 from stages.outputs import StageError, atomic_dir
 from stages.params import ARCH_NAMES
 
-WHITENING_IMAGES = 5000  # airbench: enough patches for a stable 12x12 covariance
+# airbench fits its whitening to 5,000 CIFAR images' 2x2 patches (31 x 31 each): enough for a
+# stable covariance. Larger images give more patches each, so fewer of them are read: the
+# time and memory stay those of CIFAR's at any size.
+WHITENING_PATCHES = 5000 * 31 * 31
+WHITENING_CHUNK = 500  # images whose patches are held at once
 
 
 class Architecture(nn.Module):
@@ -293,8 +297,11 @@ class AirbenchNet(Architecture):
         return roles
 
     def prepare(self, images: torch.Tensor) -> None:
-        """The whitening stem fitted to the first training images."""
-        init_whitening(self.whiten, images[:WHITENING_IMAGES])
+        """The whitening stem fitted to the first training images (as many as give
+        WHITENING_PATCHES patches)."""
+        k = self.WHITEN_KERNEL
+        per_image = (images.shape[-2] - k + 1) * (images.shape[-1] - k + 1)
+        init_whitening(self.whiten, images[:min(len(images), max(1, WHITENING_PATCHES // per_image))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.gelu(self.whiten(x))
@@ -310,9 +317,14 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
     """
     k = conv.kernel_size[0]
     c = images.size(1)
-    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
-    covariance = patches.T @ patches / len(patches)
+    covariance = torch.zeros(c * k * k, c * k * k, dtype=torch.float64, device=images.device)
+    count = 0
+    for chunk in images.split(WHITENING_CHUNK):  # a chunk's patches at a time, summed in float64
+        patches = chunk.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        covariance += patches.T @ patches
+        count += len(patches)
+    covariance /= count
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).flip(0)
     filters = filters.reshape(-1, c, k, k).to(conv.weight.dtype)

@@ -20,7 +20,7 @@ Amp = Literal["auto", True, False]
 # list of them (train.tta's values, evaluate's metrics) is this one.
 TTA_LEVELS = ("none", "flip", "flip_shift")
 # The data sets download.dataset may name; stages/datasets.py holds what is known of each.
-DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 # The architectures train.arch may name; stages/model.py builds each (ARCHS).
 ARCH_NAMES = ("airbench", "lenet", "resnet18", "mlp", "mnist_mlp")
 
@@ -32,8 +32,11 @@ class ParamsError(StageError):
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
     dataset: Literal[DATASET_NAMES]
-    url: str | None  # None: the dataset's official location; else a mirror (URL or local path)
-    # None: the official checksums; else the tarball's md5, or {file name: md5} for IDX files
+    # None: the dataset's official location; else a mirror (URL or local path). For `folder`:
+    # the user's folder, or a .tar / .tar.gz / .zip of one (a path, file:// or http(s) URL)
+    url: str | None
+    # None: the official checksums (folder: none checked); else the tarball's md5, or
+    # {file name: md5} for IDX files
     md5: str | dict[str, str] | None
     timeout: float  # seconds, for connecting and for each read
     retries: int  # further attempts after the first, with exponential back-off
@@ -43,6 +46,10 @@ class DownloadParams:
         _require(all(len(d) == 32 and all(c in "0123456789abcdef" for c in d) for d in digests),
                  f"{section}.md5", "null, 32 lowercase hex digits, or a mapping of file names to "
                  "them", self.md5)
+        _require(self.dataset != "folder" or self.url is not None, f"{section}.url",
+                 "the folder of images, or an archive of it, with dataset folder", self.url)
+        _require(self.dataset != "folder" or not isinstance(self.md5, dict), f"{section}.md5",
+                 "null or the archive's md5 with dataset folder", self.md5)
         _require(self.timeout > 0, f"{section}.timeout", "a number of seconds > 0", self.timeout)
         _require(0 <= self.retries <= 10, f"{section}.retries", "an integer in [0, 10]", self.retries)
 
@@ -55,10 +62,21 @@ class PreprocessParams:
     # class name -> share of its training images kept (an imbalanced split, for experiments
     # with class_weights / sampler); {} keeps everything
     keep: dict[str, float] = dataclasses.field(default_factory=dict)
+    # share of each class held out for test when the source has no test split of its own
+    test_fraction: float = 0.2
+    # [height, width]: each image resized by its shorter side, then center-cropped to it;
+    # None keeps the images' own size (they must then all share it)
+    size: list[int] | None = None
+    # 1 or 3; auto: 1 when every image is grayscale, else 3 (RGBA, palette, CMYK -> RGB)
+    channels: Literal["auto", 1, 3] = "auto"
 
     def check(self, section: str) -> None:
         _require(0 <= self.val_fraction < 1, f"{section}.val_fraction", "a number in [0, 1)",
                  self.val_fraction)
+        _require(0 < self.test_fraction < 1, f"{section}.test_fraction", "a number in (0, 1)",
+                 self.test_fraction)
+        _require(self.size is None or (len(self.size) == 2 and all(8 <= s <= 4096 for s in self.size)),
+                 f"{section}.size", "null or [height, width], each 8 to 4096 pixels", self.size)
         _require(self.seed >= 0, f"{section}.seed", "an integer >= 0", self.seed)
         _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
         for name, share in self.keep.items():
@@ -112,8 +130,10 @@ class TrainParams:
     compile: bool
     eval_every: int  # epochs between validation passes; 0 = only after the last epoch
     eval_batch_size: int
-    workers: int  # processes decoding the PNGs once, before training
-
+    workers: int  # threads loading batches ahead of the step when the data streams
+    # auto, or a size such as 512MB or 2GiB: a training split whose in-memory copy would take
+    # more streams from its pack instead (auto: half the device's free memory)
+    memory_budget: str = "auto"
 
     def check(self, section: str) -> None:
         _require(self.seed >= 0, f"{section}.seed", "an integer >= 0", self.seed)
@@ -156,6 +176,9 @@ class TrainParams:
         _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
                  self.eval_batch_size)
         _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
+        _require(self.memory_budget == "auto" or parse_bytes(self.memory_budget) is not None,
+                 f"{section}.memory_budget", "auto or a size such as 512MB or 2GiB",
+                 self.memory_budget)
         _require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0),
                  f"{section}.nesterov", "false when momentum is 0 (SGD requires it)", self.nesterov)
 
@@ -208,6 +231,23 @@ class Params:
         """Each section has checked itself."""
 
 
+UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: str) -> int | None:
+    """A size such as 512MB, 1.5GiB or 4096 (bytes); None if it is none."""
+    number = text.strip().rstrip("BbIiKkMmGgTt ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if unit not in UNITS or not value > 0 or value == float("inf"):
+        return None
+    return int(value * UNITS[unit])
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and check the whole file, so a typo anywhere stops every stage."""
     return build(Params, read_yaml(path), "")
@@ -258,6 +298,10 @@ def _convert(hint: Any, value: object, key: str) -> object:
         mapping = next((o for o in rest if typing.get_origin(o) is dict), None)
         plain = next((o for o in rest if typing.get_origin(o) is not dict), mapping)
         return _convert(mapping if isinstance(value, dict) and mapping else plain, value, key)
+    if typing.get_origin(hint) is list:  # list[int]: a short list of integers
+        _require(isinstance(value, list) and all(type(v) is int for v in value), key,
+                 "a list of integers", value)
+        return value
     if typing.get_origin(hint) is dict:  # dict[str, X]: a mapping of names to X
         _require(isinstance(value, dict) and all(type(k) is str for k in value), key,
                  "a mapping of names to values", value)

@@ -3,14 +3,18 @@
 usage: python -m stages.preprocess SOURCE_DIR OUT_DIR
 
 Writes OUT_DIR/{train,val,test}/<class>/<index>.png (RGB, or 1-channel for grayscale data),
-OUT_DIR/{train,val,test}.csv, and classes.json and normalization.json (one value per channel),
-as stages/folder.py lays the folder out. The source files are untrusted. CIFAR pickles are read
+OUT_DIR/{train,val,test}.csv, each split packed as OUT_DIR/<split>.npy, and classes.json and
+normalization.json (one value per channel), as stages/folder.py lays the folder out. Every
+image is decoded once: `preprocess.channels` and `preprocess.size` fit it (a person's folder of
+mixed sizes needs a size), and a source without a test split gets one carved
+(`preprocess.test_fraction`). The source files are untrusted. CIFAR pickles are read
 by a restricted unpickler that admits only the numpy globals a batch needs, then checked; IDX
 files (MNIST-style) are checked field by field: magic, dimensions, counts matching between
 images and labels, exact length, labels in range.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,6 +25,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.datasets import DATASETS, IDX_FILES, Dataset, read_idx_header
-from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
+from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
+                           open_image, pack_path)
+from stages.imagefolder import list_folder
 from stages.outputs import StageError, atomic_dir, stage_main
 from stages.params import PreprocessParams, load_params
 
@@ -36,7 +43,7 @@ CIFAR_SHAPE = (3, 32, 32)  # a row holds the R plane, then G, then B, each 32x32
 ROW_BYTES = math.prod(CIFAR_SHAPE)
 CLASS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # class names become folder names
 PNG_COMPRESS_LEVEL = 1  # lossless at every level; 1 encodes fastest for 32x32 images
-CHUNK = 500  # images per task sent to an encoding process
+CHUNK_BYTES = 2 << 20  # pixels per task sent to an encoding process (682 CIFAR images)
 
 # numpy's array reconstructor, found through numpy itself: the pickles may spell its module
 # numpy.core.multiarray (numpy 1.x, the official files) or numpy._core.multiarray (numpy 2.x).
@@ -151,15 +158,18 @@ def read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tup
 
 @dataclass(frozen=True)
 class Source:
-    """A data set as read: training and test images (uint8 N x C x H x W) and labels."""
+    """A data set as read: training and test images and labels. Images are uint8
+    N x C x H x W arrays (CIFAR, IDX), or object arrays of image files (a person's folder)."""
     train_images: np.ndarray
     train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    test_images: np.ndarray | None  # None: the source has no test split; preprocess carves one
+    test_labels: np.ndarray | None
     classes: list[str]
 
 
 def read_source(folder: Path, dataset: Dataset) -> Source:
+    if dataset.format == "folder":
+        return read_folder(folder)
     if dataset.format == "idx":
         classes = list(dataset.classes)
         files = [folder / name.removesuffix(".gz") for name in IDX_FILES]
@@ -176,7 +186,25 @@ def read_source(folder: Path, dataset: Dataset) -> Source:
                   np.concatenate([labels for _, labels in loaded]), *test, classes)
 
 
-def stratified_val(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+def read_folder(folder: Path) -> Source:
+    """A person's folder (stages/imagefolder.py): its image files and their labels."""
+    listing = list_folder(folder)
+    if listing.skipped:
+        shown = ", ".join(str(p.relative_to(folder)) for p in listing.skipped[:5])
+        print(f"preprocess: skipped {len(listing.skipped)} file(s) that are not images: {shown}"
+              + (", ..." if len(listing.skipped) > 5 else ""))
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        if split not in listing.splits:
+            return None, None
+        files = np.empty(len(listing.splits[split]), dtype=object)
+        files[:] = [path for path, _ in listing.splits[split]]
+        return files, np.array([label for _, label in listing.splits[split]], dtype=np.int64)
+
+    return Source(*arrays("train"), *arrays("test"), listing.classes)
+
+
+def stratified_val(labels: np.ndarray, val_fraction: float, seed: int | list[int]) -> np.ndarray:
     """Boolean mask choosing round(count * val_fraction) images of each class, seeded."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
@@ -190,9 +218,20 @@ def stratified_val(labels: np.ndarray, val_fraction: float, seed: int) -> np.nda
 @dataclass(frozen=True)
 class Split:
     name: str
-    images: np.ndarray  # uint8 N x C x H x W
+    images: np.ndarray  # uint8 N x C x H x W, or the N image files (object array of Paths)
     labels: np.ndarray  # int64 N
-    indices: np.ndarray  # the image's index in its source batches: it names the file
+    indices: np.ndarray  # the image's index in its source: it names the file
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What every image becomes: its channels (1 or 3) and (height, width), None: its own."""
+    channels: int
+    size: tuple[int, int] | None
+
+    @property
+    def mode(self) -> str:
+        return MODES[self.channels]
 
 
 def relative_paths(split: Split, classes: list[str]) -> list[str]:
@@ -200,39 +239,99 @@ def relative_paths(split: Split, classes: list[str]) -> list[str]:
             for label, index in zip(split.labels.tolist(), split.indices.tolist())]
 
 
-def encode_pngs(task: tuple[np.ndarray, list[str], Path]) -> int:
-    """Write one chunk of images as PNGs under root (runs in a worker process): RGB for 3
-    channels, 8-bit grayscale for 1."""
-    images, paths, root = task
-    for pixels, rel in zip(images, paths):
-        image = Image.fromarray(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
+def fit_image(image: Image.Image, fit: Fit) -> np.ndarray:
+    """An image in `fit`'s mode, resized by its shorter side and center-cropped to `fit`'s
+    size where it has one, as uint8 C x H x W."""
+    if image.mode != fit.mode:
+        image = image.convert(fit.mode)
+    if fit.size is not None and image.size != fit.size[::-1]:
+        height, width = fit.size
+        scale = max(height / image.height, width / image.width)
+        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(scaled, Image.BILINEAR, reducing_gap=3.0)  # antialiased when shrinking
+        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def as_image(item: np.ndarray | Path, fit: Fit) -> Image.Image:
+    """A source image as PIL's: a file decoded (JPEG at the smallest scale still covering
+    `fit.size`), or an array's pixels."""
+    if isinstance(item, Path):
+        return decode_image(item, fit.mode, None if fit.size is None else fit.size[::-1])
+    return Image.fromarray(item[0] if len(item) == 1 else item.transpose(1, 2, 0))
+
+
+def encode_chunk(task: tuple[np.ndarray, list[str], Path, Fit]) -> np.ndarray:
+    """Fit one chunk of images, write each as a PNG under root (runs in a worker process),
+    and return them as uint8 N x C x H x W for the pack."""
+    items, paths, root, fit = task
+    out = []
+    for item, rel in zip(items, paths):
+        pixels = fit_image(as_image(item, fit), fit)
+        image = Image.fromarray(pixels[0] if fit.channels == 1 else pixels.transpose(1, 2, 0))
         image.save(root / rel, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return len(paths)
+        out.append(pixels)
+    return np.stack(out)
 
 
-def chunks(split: Split, paths: list[str], root: Path) -> Iterator[tuple[np.ndarray, list[str], Path]]:
-    for start in range(0, len(paths), CHUNK):
-        yield split.images[start:start + CHUNK], paths[start:start + CHUNK], root
+def chunks(split: Split, paths: list[str], root: Path, fit: Fit,
+           shape: tuple[int, int, int]) -> Iterator[tuple[np.ndarray, list[str], Path, Fit]]:
+    step = max(1, CHUNK_BYTES // math.prod(shape))
+    for start in range(0, len(paths), step):
+        yield split.images[start:start + step], paths[start:start + step], root, fit
 
 
-def write_images(splits: list[Split], classes: list[str], root: Path, workers: int) -> None:
-    """Encode every split's PNGs with `workers` processes, and write its CSV."""
-    tasks = []
-    for split in splits:
-        for name in classes:
-            (root / split.name / name).mkdir(parents=True)
-        paths = relative_paths(split, classes)
-        write_csv(root / f"{split.name}.csv", paths, split.labels, classes)
-        tasks.extend(chunks(split, paths, root))
-    total = sum(len(s.labels) for s in splits)
-    with tqdm(total=total, unit="img", desc="png") as bar:
-        if workers == 1:
-            for task in tasks:
-                bar.update(encode_pngs(task))
-            return
-        with multiprocessing.Pool(workers) as pool:
-            for done in pool.imap_unordered(encode_pngs, tasks):
-                bar.update(done)
+class ChannelSums:
+    """Per-channel sums of pixels and squares, gathered chunk by chunk in float64: the mean and
+    std without the whole split in float64 at once."""
+
+    def __init__(self, channels: int) -> None:
+        self.count = 0
+        self.sums = np.zeros((2, channels))
+
+    def add(self, images: np.ndarray) -> None:
+        planes = images.reshape(len(images), images.shape[1], -1).astype(np.float64) / 255
+        self.sums += [planes.sum(axis=(0, 2)), np.square(planes).sum(axis=(0, 2))]
+        self.count += planes.shape[0] * planes.shape[2]
+
+    def stats(self) -> dict[str, list[float]]:
+        mean = self.sums[0] / self.count
+        std = np.sqrt(np.maximum(self.sums[1] / self.count - mean ** 2, 0))
+        return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def write_split(split: Split, classes: list[str], root: Path, fit: Fit, pool: Pool | None,
+                bar: tqdm) -> ChannelSums:
+    """A split's PNGs, its CSV and its pack (the PNGs' pixels, in the CSV's order)."""
+    for name in classes:
+        (root / split.name / name).mkdir(parents=True)
+    paths = relative_paths(split, classes)
+    write_csv(root / f"{split.name}.csv", paths, split.labels, classes)
+    shape = (fit.channels, *(fit.size or split.images.shape[2:]))
+    tasks = chunks(split, paths, root, fit, shape)
+    sums = ChannelSums(fit.channels)
+    with open(pack_path(root, split.name), "wb") as pack:
+        np.lib.format.write_array_header_1_0(pack, {"descr": "|u1", "fortran_order": False,
+                                                    "shape": (len(paths), *shape)})
+        for images in (pool.imap(encode_chunk, tasks) if pool else map(encode_chunk, tasks)):
+            if images.shape[1:] != shape:
+                raise StageError(f"{root / split.name}: an image of {images.shape[2:]} pixels among "
+                                 f"{shape[1:]}; set preprocess.size to [height, width]")
+            pack.write(images.tobytes())
+            sums.add(images)
+            bar.update(len(images))
+    return sums
+
+
+def write_images(splits: list[Split], classes: list[str], root: Path, fit: Fit,
+                 pool: Pool | None) -> dict[str, list[float]]:
+    """Encode every split's PNGs in `pool`'s processes (None: in this one), and write its CSV
+    and pack; returns the training split's normalization."""
+    with tqdm(total=sum(len(s.labels) for s in splits), unit="img", desc="png + pack") as bar:
+        sums = [write_split(split, classes, root, fit, pool, bar) for split in splits]
+    return sums[0].stats()
 
 
 def write_csv(path: Path, paths: list[str], labels: np.ndarray, classes: list[str]) -> None:
@@ -241,12 +340,6 @@ def write_csv(path: Path, paths: list[str], labels: np.ndarray, classes: list[st
         writer.writerow(CSV_HEADER)
         for rel, label in zip(paths, labels.tolist()):
             writer.writerow([rel, label, classes[label]])
-
-
-def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel mean and std of uint8 N x C x H x W images, in [0, 1] units."""
-    planes = images.reshape(len(images), images.shape[1], -1).astype(np.float64) / 255
-    return {"mean": planes.mean(axis=(0, 2)).tolist(), "std": planes.std(axis=(0, 2)).tolist()}
 
 
 def kept(labels: np.ndarray, train: np.ndarray, keep: dict[str, float], classes: list[str],
@@ -264,10 +357,27 @@ def kept(labels: np.ndarray, train: np.ndarray, keep: dict[str, float], classes:
     return train
 
 
+def with_test(source: Source, params: PreprocessParams) -> Source:
+    """The source with a test split: its own, or a stratified `test_fraction` carved from the
+    training images (seeded, a stream apart from the validation split's)."""
+    if source.test_images is not None:
+        return source
+    test = stratified_val(source.train_labels, params.test_fraction, [params.seed, 2])
+    images, labels = source.train_images, source.train_labels
+    return Source(images[~test], labels[~test], images[test], labels[test], source.classes)
+
+
 def build_splits(source: Source, params: PreprocessParams) -> list[Split]:
+    source = with_test(source, params)
     images, labels = source.train_images, source.train_labels
     val = stratified_val(labels, params.val_fraction, params.seed)
     train = kept(labels, ~val, params.keep, source.classes, params.seed)
+    counts = np.bincount(labels[train], minlength=len(source.classes))
+    if not counts.all():
+        name = source.classes[int(np.argmin(counts))]
+        raise StageError(f"preprocess: class {name!r} has no training image left after the test "
+                         "and validation splits; add images of it, or lower "
+                         "preprocess.test_fraction and val_fraction")
     index = np.arange(len(labels))
     splits = [Split("train", images[train], labels[train], index[train])]
     if val.any():
@@ -277,17 +387,50 @@ def build_splits(source: Source, params: PreprocessParams) -> list[Split]:
     return splits
 
 
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(width, height) and PIL mode from a file's header (runs in a worker process)."""
+    with open_image(path) as image:
+        return image.size, image.mode
+
+
+def plan_fit(source: Source, params: PreprocessParams, pool: Pool | None) -> Fit:
+    """The channels and size every image becomes. Array sources keep their own unless params
+    say otherwise; a folder's headers are read first (every bomb refused before any decoding):
+    `channels: auto` is 1 only if every image is grayscale, and without `size` all must agree."""
+    size = tuple(params.size) if params.size else None
+    if source.train_images.dtype != object:
+        channels = source.train_images.shape[1] if params.channels == "auto" else params.channels
+        return Fit(channels, size)
+    files = [*source.train_images, *source.test_images] if source.test_images is not None \
+        else list(source.train_images)
+    headers = pool.imap(image_header, files, chunksize=64) if pool else map(image_header, files)
+    first, gray = None, True
+    for path, (dims, mode) in zip(files, tqdm(headers, total=len(files), desc="headers", leave=False)):
+        gray = gray and mode in GRAY_MODES
+        first = first or (path, dims)
+        if size is None and dims != first[1]:
+            raise StageError(f"{path}: {dims[0]}x{dims[1]} pixels, but {first[0]} is "
+                             f"{first[1][0]}x{first[1][1]}; set preprocess.size to [height, "
+                             "width] to resize the images to one size")
+    channels = (1 if gray else 3) if params.channels == "auto" else params.channels
+    return Fit(channels, size or first[1][::-1])
+
+
 def preprocess(source_dir: Path, out: Path, params: PreprocessParams, dataset: Dataset) -> None:
     source = read_source(source_dir, dataset)
-    classes = source.classes
     splits = build_splits(source, params)
-    with atomic_dir(out) as tmp:
-        write_images(splits, classes, tmp, params.workers)
-        (tmp / CLASSES_FILE).write_text(json.dumps(classes) + "\n")
-        stats = channel_stats(splits[0].images)
+    with atomic_dir(out) as tmp, contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.Pool(params.workers)) if params.workers > 1 else None
+        fit = plan_fit(source, params, pool)
+        stats = write_images(splits, source.classes, tmp, fit, pool)
+        (tmp / CLASSES_FILE).write_text(json.dumps(source.classes) + "\n")
         (tmp / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     counts = ", ".join(f"{s.name} {len(s.labels)}" for s in splits)
-    print(f"preprocess: wrote {counts} images and CSVs to {out}")
+    shape = f"{fit.channels} x {fit.size[0]} x {fit.size[1]}" if fit.size else "their own size"
+    print(f"preprocess: wrote {counts} images ({shape}), CSVs and packs to {out}")
 
 
 @stage_main

@@ -12,6 +12,7 @@ import torch
 from stages.data import load_data
 from stages.loop import scratch_groups
 from stages.model import fresh_model
+from stages.devices import memory_budget
 from stages.outputs import stage_main
 from stages.params import load_params
 from stages.run import print_summary, stage_paths, train_and_save, training_env
@@ -23,7 +24,7 @@ def main() -> None:
     images_dir, outputs = stage_paths(__doc__)
     with training_env(params) as env:  # torchrun's ranks, the device and precision, the clock
         torch.manual_seed(params.seed)
-        data = load_data(images_dir, env.device, params.workers)
+        data = load_data(images_dir, env.device, memory_budget(params.memory_budget, env.device))
         with env.watch.section():  # the whitening is part of the training time, as airbench counts it
             model = fresh_model(params.arch, len(data.classes), data.train_images)
         metrics = train_and_save(model, scratch_groups(model, params), params, data, env, outputs,

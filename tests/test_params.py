@@ -106,7 +106,7 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
 
 
 # Train keys that say where and how a run happens, not what it learns: a recipe leaves them be.
-RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "class_weights",
+RUN_KEYS = {"seed", "device", "amp", "compile", "eval_batch_size", "workers", "memory_budget", "class_weights",
             "sampler"}
 # Keys read only under a setting airbench94 turns off (Muon, resizing, selection, freezing).
 OFF_IN_AIRBENCH94 = {"muon_lr", "muon_momentum", "progressive_until", "progressive_step",
