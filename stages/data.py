@@ -350,7 +350,9 @@ class Pack:
         """uint8 len(index) x C x H x W, rows in `index`'s order; runs of consecutive rows are
         read in one call each."""
         out = np.empty((len(index), *self.shape[1:]), dtype=np.uint8)
-        flat = out.reshape(len(index), -1)
+        flat = out.reshape(len(index), self.row_bytes)
+        if not len(index):
+            return out
         breaks = np.flatnonzero(np.diff(index) != 1) + 1
         for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)]):
             view = memoryview(flat[start:stop]).cast("B")

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def init_folder_repo(project: Path) -> Path:
     params = yaml.safe_load((project / "params.yaml").read_text())
     shrink(params)
-    params["train"].update(batch_size=20)
+    params["train"].update(batch_size=16, epochs=8.0, lr=0.1)  # lr per step: a batch of 16, not 1024
+    params["finetune"].update(batch_size=16, lr=0.02, head_lr=0.1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(project, "init", "-q")
     git(project, "config", "user.email", "test@example.com")
