@@ -207,7 +207,9 @@ def copy_folder(source: Path, out: Path) -> int:
 
 def download_folder(params: DownloadParams, out: Path) -> None:
     """`download.dataset: folder`: a local folder copied, or one archive fetched or copied."""
-    assert params.url is not None  # DownloadParams.check requires it for folder
+    if params.url is None:
+        raise StageError("download.url: dataset folder takes your images from download.url: set "
+                         "it to the folder, or a .tar/.tar.gz/.zip of it (a path or URL)")
     source = local_source(params.url)
     if source is not None and source.is_dir():
         count = copy_folder(source, out)

@@ -13,7 +13,8 @@ of it, so that the loop names no architecture:
   (`train.freeze_from`; empty: not supported).
 
 Architectures: `airbench` (the fast default), `lenet` (the 60-minute blitz), `resnet18`
-(torchvision's, CIFAR stem), `mlp` (the quickstart's, for Fashion-MNIST) and `mnist_mlp` (the
+(torchvision's, CIFAR stem), `resnet18_imagenet` (torchvision's as it is, for photos and
+ImageNet weights), `mlp` (the quickstart's, for Fashion-MNIST) and `mnist_mlp` (the
 MNIST tutorial's, with dropout).
 """
 from __future__ import annotations
@@ -141,6 +142,22 @@ class ResNet18(torchvision.models.ResNet, Architecture):
             if block.conv1.stride == (1, 1):
                 block.conv1 = as_conv3x3(block.conv1)
             block.conv2 = as_conv3x3(block.conv2)  # always stride 1
+
+
+class ResNet18ImageNet(torchvision.models.ResNet, Architecture):
+    """torchvision's ResNet-18 as it is, ImageNet stem included (7x7 conv, stride 2, then a
+    max-pool: a quarter of the side before the first block), for photos at 96 px and more. An
+    ImageNet checkpoint loads whole, stem too; only `fc` is re-initialised for the classes
+    (and `conv1` for 1-channel data)."""
+
+    HEAD = "fc."
+    STEM = ("conv1.weight",)
+    ANY_SIZE = True
+
+    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
+        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+        if channels != 3:
+            self.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -334,7 +351,7 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
 
 # One entry per name in params.ARCH_NAMES, in its order.
 ARCHS: dict[str, type[Architecture]] = dict(zip(ARCH_NAMES, (
-    AirbenchNet, LeNet, ResNet18, QuickstartMLP, MnistMLP), strict=True))
+    AirbenchNet, LeNet, ResNet18, ResNet18ImageNet, QuickstartMLP, MnistMLP), strict=True))
 
 
 def build_model(arch: str, num_classes: int, shape: tuple[int, int, int]) -> Architecture:

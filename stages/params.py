@@ -22,7 +22,7 @@ TTA_LEVELS = ("none", "flip", "flip_shift")
 # The data sets download.dataset may name; stages/datasets.py holds what is known of each.
 DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 # The architectures train.arch may name; stages/model.py builds each (ARCHS).
-ARCH_NAMES = ("airbench", "lenet", "resnet18", "mlp", "mnist_mlp")
+ARCH_NAMES = ("airbench", "lenet", "resnet18", "resnet18_imagenet", "mlp", "mnist_mlp")
 
 
 class ParamsError(StageError):
@@ -46,8 +46,6 @@ class DownloadParams:
         _require(all(len(d) == 32 and all(c in "0123456789abcdef" for c in d) for d in digests),
                  f"{section}.md5", "null, 32 lowercase hex digits, or a mapping of file names to "
                  "them", self.md5)
-        _require(self.dataset != "folder" or self.url is not None, f"{section}.url",
-                 "the folder of images, or an archive of it, with dataset folder", self.url)
         _require(self.dataset != "folder" or not isinstance(self.md5, dict), f"{section}.md5",
                  "null or the archive's md5 with dataset folder", self.md5)
         _require(self.timeout > 0, f"{section}.timeout", "a number of seconds > 0", self.timeout)

@@ -10,6 +10,7 @@ from stages.devices import pick_precision
 from stages.finetune import init_arch, match_weights, read_state_dict
 from stages.loop import Training, param_groups
 from stages.model import build_model, save_model
+from tests.conftest import ROOT
 from stages.outputs import StageError
 from tests.test_loop import CPU, toy_data, train_params
 from tests.conftest import ROOT, model_card
@@ -40,6 +41,21 @@ def test_torchvision_imagenet_resnet18_swaps_head_and_stem(tmp_path: Path) -> No
     assert sorted(report["skipped"]) == ["conv1.weight", "fc.bias", "fc.weight"]
     assert len(report["loaded"]) == len(model.state_dict()) - 3
     assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+
+
+def test_the_photos_preset_loads_torchvision_resnet18_whole_but_its_head(tmp_path: Path) -> None:
+    """presets/photos_resnet18.yaml's arch takes torchvision's ImageNet file stem and all."""
+    from stages.params import with_preset
+
+    preset = with_preset(ROOT / "presets" / "photos_resnet18.yaml", ROOT / "params.yaml")
+    arch, size = preset["finetune"]["arch"], preset["preprocess"]["size"]
+    imagenet = torchvision.models.resnet18(num_classes=1000)
+    path = saved(tmp_path, imagenet.state_dict())
+    model = build_model(arch, 5, (3, *size))
+    report = match_weights(model, read_state_dict(path), path)
+    assert sorted(report["reinitialised"]) == sorted(report["skipped"]) == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
+    assert model(torch.zeros(2, 3, *size)).shape == (2, 5)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

@@ -15,7 +15,7 @@ from PIL import Image
 
 from stages.data import CsvImageDataset, Pack, read_labels
 from stages.datasets import DATASETS
-from stages.download import copy_folder
+from stages.download import copy_folder, download
 from stages.extract import extract_archive
 from stages.outputs import StageError
 from stages.params import DownloadParams, PreprocessParams
@@ -200,6 +200,7 @@ def test_a_zip_extracts_its_folder(photos: Path, tmp_path: Path) -> None:
     assert count == 63 and (tmp_path / "out" / "photos" / "eel" / "photo_0.png").is_file()
 
 
-def test_dataset_folder_needs_a_url() -> None:
-    with pytest.raises(StageError, match=r"download.url must be the folder of images"):
-        DownloadParams("folder", None, None, 30, 3).check("download")
+def test_dataset_folder_needs_a_url(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"download.url: dataset folder takes your images from"):
+        download(DownloadParams("folder", None, None, 30, 3), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
