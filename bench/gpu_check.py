@@ -67,7 +67,7 @@ from bench.precision import measure, report  # noqa: E402
 from bench.precision import Config  # noqa: E402
 from stages.data import (BatchLoader, decode_split, load_data, normalize,  # noqa: E402
                          to_device)
-from stages.devices import Stopwatch, pick_device, pick_precision  # noqa: E402
+from stages.devices import Stopwatch, memory_budget, pick_device, pick_precision  # noqa: E402
 from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, fit, loss_and_accuracy,  # noqa: E402
                          predict_levels, scratch_groups, training_loader)
 from stages.model import fresh_model  # noqa: E402
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device("cuda")
     versions(device, params)
     start = time.perf_counter()
-    data = load_data(args.images_dir, device, workers=8)
+    data = load_data(args.images_dir, device, memory_budget("auto", device))
     if len(data.classes) != CLASSES:
         raise SystemExit(f"bench.gpu_check: {args.images_dir} has {len(data.classes)} classes; it "
                          f"checks the CIFAR-10 recipe ({CLASSES})")

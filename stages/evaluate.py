@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +125,18 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
                                  "retrain it on this image folder (`dvc repro`)")
             images = PackedImages(pack, card.normalization, device)
             model = model.to(device, memory_format=torch.channels_last)
+            started = time.perf_counter()
             metrics, confusion, predictions = score(model, images, device_labels, classes,
                                                     params.batch_size, precision.dtype)
+            seconds = time.perf_counter() - started
             out = plots_tmp / model_dir.name
             out.mkdir()
             write_confusion(out / "confusion.csv", confusion, classes)
             write_per_class(out / "per_class.csv", confusion, classes)
             misclassified_grid(pack, labels, predictions.cpu(), classes,
                                params.misclassified).save(out / "misclassified.png")
-            print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))
+            print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6])
+                  + f" (scored in {seconds:.1f} s)")
             results[model_dir.name] = {**metrics, **machine}
     for name, metrics in results.items():
         write_json(metrics_dir / f"{name}.json", metrics)
