@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+import mmap
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -208,7 +209,7 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     """uint8 N x C x H x W -> float32, standardized per channel."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
+    return images.to(torch.float32, copy=True).sub_(mean_t).div_(std_t)  # in place: one buffer
 
 
 def crop_windows(padded: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -328,39 +329,28 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 class Pack:
     """A split's packed images (preprocess's <split>.npy, stages/folder.py), read by rows.
 
-    Rows are read with pread, never through a memory map: the pages a map touches count as the
-    process's own memory until it unmaps them, so streaming an epoch through one would grow
-    the process to the file's size; read, they stay in the kernel's page cache."""
+    Rows are copied out of a read-only memory map, which then drops its pages: a page a map has
+    touched counts as the process's own memory until it is dropped, so an epoch streamed
+    through a plain map would grow the process to the file's size. Dropped, the pages stay in
+    the kernel's page cache, and the next read maps them again without touching the disk."""
 
     def __init__(self, root: Path, split: str) -> None:
         self.path = pack_path(root, split)
-        shape, self.offset = pack_header(self.path)
+        shape, offset = pack_header(self.path)
         self.shape = torch.Size(shape)
-        self.row_bytes = math.prod(shape[1:])
-        self.fd = os.open(self.path, os.O_RDONLY)  # pread is safe from several threads at once
+        with open(self.path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self.array = np.frombuffer(self.map, np.uint8, math.prod(shape), offset).reshape(shape)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-
     def read(self, index: np.ndarray) -> np.ndarray:
-        """uint8 len(index) x C x H x W, rows in `index`'s order; runs of consecutive rows are
-        read in one call each."""
-        out = np.empty((len(index), *self.shape[1:]), dtype=np.uint8)
-        flat = out.reshape(len(index), self.row_bytes)
-        if not len(index):
-            return out
-        breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)]):
-            view = memoryview(flat[start:stop]).cast("B")
-            got = os.preadv(self.fd, [view], self.offset + int(index[start]) * self.row_bytes)
-            if got != len(view):
-                raise StageError(f"{self.path}: ended early reading row {index[start]}; it is "
-                                 "truncated: run `dvc repro preprocess`")
-        return out
+        """uint8 len(index) x C x H x W, a copy of the rows in `index`'s order. Safe from
+        several threads at once: a row another thread is copying is mapped again for it."""
+        rows = self.array[index]
+        self.map.madvise(mmap.MADV_DONTNEED)
+        return rows
 
     def read_all(self) -> np.ndarray:
         return self.read(np.arange(len(self)))
@@ -384,10 +374,13 @@ class PackedImages:
     def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
         rows = (np.arange(len(self))[index] if isinstance(index, slice)
                 else index.cpu().numpy())
-        images = torch.from_numpy(self.pack.read(rows))
+        return self.normalized(torch.from_numpy(self.pack.read(rows)))
+
+    def normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images read from the pack, on the device and normalized."""
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        return normalize(images.to(self.device), self.stats["mean"], self.stats["std"])
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        return normalize(pixels.to(self.device), self.stats["mean"], self.stats["std"])
 
     def split(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The split in order, `batch_size` at a time, the next batch read while this one is used."""
@@ -427,18 +420,33 @@ class StreamLoader(BatchLoader):
             yield images, self.labels[index], index
 
     def batch(self, index: torch.Tensor, shifts: torch.Tensor | None, mirror: bool) -> torch.Tensor:
-        """BatchLoader.batch's images, from the pack: flipped as epoch 0 drew them, padded and
-        cropped at each image's own offset."""
-        images = self.images[index]
-        if self.flipped is not None:
-            mask = self.flipped[index.cpu()].to(images.device).view(-1, 1, 1, 1)
-            images = torch.where(mask, images.flip(-1), images)
+        """BatchLoader.batch's images, from the pack: each output pixel's source row and column
+        worked out (epoch 0's flip, the reflect-padded crop's shift, the epoch's mirror), then
+        one gather of the uint8 pixels and one normalization, instead of a pass over the batch
+        in float for each augmentation."""
+        rows = index.cpu()
+        pixels = torch.from_numpy(self.images.pack.read(rows.numpy()))  # B x C x H x W uint8
+        count, _, height, width = pixels.shape
+        ys = torch.arange(height).expand(count, height)
+        xs = torch.arange(width).expand(count, width)
+        if mirror:
+            xs = xs.flip(1)
         if shifts is not None:
-            padded = F.pad(images, (self.crop_padding,) * 4, mode="reflect")
-            windows = crop_windows(padded, *images.shape[-2:])
-            rows = torch.arange(len(index), device=images.device)
-            images = windows[rows, :, shifts[index, 0], shifts[index, 1]]
-        return images.flip(-1) if mirror else images
+            shift = shifts[index].cpu() - self.crop_padding
+            ys, xs = reflect(ys + shift[:, :1], height), reflect(xs + shift[:, 1:], width)
+        if self.flipped is not None:
+            xs = torch.where(self.flipped[rows].view(-1, 1), width - 1 - xs, xs)
+        source = (ys.unsqueeze(2) * width + xs.unsqueeze(1)).view(count, 1, -1)
+        flat = pixels.view(count, pixels.size(1), -1)
+        picked = torch.gather(flat, 2, source.expand(-1, flat.size(1), -1))
+        return self.images.normalized(picked.view(pixels.shape))
+
+
+def reflect(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions up to size - 1 outside [0, size) mirrored back in, as F.pad's reflect mode
+    (the edge itself not repeated)."""
+    positions = positions.abs()
+    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
 Images = torch.Tensor | PackedImages  # a split in memory, or streamed from its pack

@@ -149,6 +149,23 @@ class TrainParams:
         _require(self.muon_lr > 0, f"{section}.muon_lr", "a number > 0", self.muon_lr)
         _require(0 <= self.muon_momentum < 1, f"{section}.muon_momentum", "a number in [0, 1)",
                  self.muon_momentum)
+        self.check_cuts(section)
+        _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
+        _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
+        _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",
+                 self.whiten_bias_epochs)
+        _require(self.eval_every >= 0, f"{section}.eval_every", "an integer >= 0", self.eval_every)
+        _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
+                 self.eval_batch_size)
+        _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
+        _require(self.memory_budget == "auto" or parse_bytes(self.memory_budget) is not None,
+                 f"{section}.memory_budget", "auto or a size such as 512MB or 2GiB",
+                 self.memory_budget)
+        _require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0),
+                 f"{section}.nesterov", "false when momentum is 0 (SGD requires it)", self.nesterov)
+
+    def check_cuts(self, section: str) -> None:
+        """The recipe cuts: progressive resizing, example selection, progressive freezing."""
         _require(self.progressive_from == 0 or self.progressive_from >= 16, f"{section}.progressive_from",
                  "0 (off) or a side length >= 16 pixels", self.progressive_from)
         _require(0 < self.progressive_until <= 1, f"{section}.progressive_until", "a share in (0, 1]",
@@ -166,19 +183,6 @@ class TrainParams:
                  self.freeze_from)
         _require(self.freeze_blocks >= 1, f"{section}.freeze_blocks", "an integer >= 1",
                  self.freeze_blocks)
-        _require(self.ema_every >= 0, f"{section}.ema_every", "an integer >= 0", self.ema_every)
-        _require(0 <= self.ema_start < 1, f"{section}.ema_start", "a number in [0, 1)", self.ema_start)
-        _require(self.whiten_bias_epochs >= 0, f"{section}.whiten_bias_epochs", "an integer >= 0",
-                 self.whiten_bias_epochs)
-        _require(self.eval_every >= 0, f"{section}.eval_every", "an integer >= 0", self.eval_every)
-        _require(self.eval_batch_size >= 1, f"{section}.eval_batch_size", "an integer >= 1",
-                 self.eval_batch_size)
-        _require(self.workers >= 1, f"{section}.workers", "an integer >= 1", self.workers)
-        _require(self.memory_budget == "auto" or parse_bytes(self.memory_budget) is not None,
-                 f"{section}.memory_budget", "auto or a size such as 512MB or 2GiB",
-                 self.memory_budget)
-        _require(not (self.nesterov and self.optimizer == "sgd" and self.momentum == 0),
-                 f"{section}.nesterov", "false when momentum is 0 (SGD requires it)", self.nesterov)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +317,10 @@ def _convert(hint: Any, value: object, key: str) -> object:
         _require(any(type(value) is type(c) and value == c for c in choices), key,
                  f"one of {[yaml_text(c) for c in choices]}", value)
         return value
+    return _convert_scalar(hint, value, key)
+
+
+def _convert_scalar(hint: Any, value: object, key: str) -> object:
     if hint is bool:
         _require(type(value) is bool, key, "true or false", value)
     elif hint is int:

@@ -13,8 +13,12 @@ import torch
 import yaml
 
 from stages.data import BatchLoader, Pack, PackedImages, StreamLoader, load_data, normalize
+from stages.devices import pick_precision
+from stages.loop import Training, param_groups, training_loader
+from stages.model import build_model
 from tests.conftest import ROOT
 from tests.folder_format import write_folder
+from tests.test_loop import train_params
 
 STATS = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
 CPU = torch.device("cpu")
@@ -100,3 +104,36 @@ def test_a_split_over_the_budget_trains_within_it_to_the_same_accuracy(project: 
     assert streamed <= base + BUDGET + BATCH_OVERHEAD, mib
     assert in_memory > streamed + 300 * 2 ** 20, mib  # the in-memory copies: 4,000 x 48 KiB x 13
     assert abs(streamed_metrics["val_accuracy"] - memory_metrics["val_accuracy"]) <= 0.02
+
+
+def toy_training(images: torch.Tensor | PackedImages, labels: torch.Tensor) -> Training:
+    """LeNet on the toy pack, selection from epoch 1 on: the loop's state at its fullest."""
+    params = train_params(arch="lenet", optimizer="adam", lr=0.003, epochs=4.0, batch_size=10,
+                          amp=False, ema_every=2, progressive_from=0, select_from=1,
+                          select_fraction=0.5, workers=2)
+    torch.manual_seed(0)
+    model = build_model("lenet", 5, tuple(images.shape[1:]))
+    loader = training_loader(params, images, labels, seed=0)
+    groups = param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0)
+    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+
+
+def run_epochs(training: Training, count: int) -> None:
+    for _ in range(count):
+        training.run_epoch()
+        training.epoch += 1
+
+
+def test_a_streamed_run_resumed_midway_trains_as_the_in_memory_run(tmp_path: Path) -> None:
+    images, pack = packed(tmp_path, size=(16, 20))
+    labels = torch.arange(50) % 5
+    whole = toy_training(images, labels)
+    run_epochs(whole, 4)
+    first = toy_training(PackedImages(pack, STATS, CPU), labels)
+    assert isinstance(first.loader, StreamLoader)
+    run_epochs(first, 2)
+    resumed = toy_training(PackedImages(pack, STATS, CPU), labels)
+    resumed.load_state(first.state())
+    run_epochs(resumed, 2)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
