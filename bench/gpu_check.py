@@ -315,6 +315,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
                                      description="GPU self-check of the CUDA path and the default recipe.")
     parser.add_argument("images_dir", nargs="?", type=Path, default=Path("data/images"))
+    parser.add_argument("--packed", type=Path, default=Path("data/packed"),
+                        help="the packed splits preprocess wrote beside the image folder")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per split for time to accuracy")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per precision")
     parser.add_argument("--recipes", nargs="+", default=["default", "airbench94"],
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device("cuda")
     versions(device, params)
     start = time.perf_counter()
-    data = load_data(args.images_dir, device, memory_budget("auto", device))
+    data = load_data(args.packed, device, memory_budget("auto", device))
     if len(data.classes) != CLASSES:
         raise SystemExit(f"bench.gpu_check: {args.images_dir} has {len(data.classes)} classes; it "
                          f"checks the CIFAR-10 recipe ({CLASSES})")

@@ -28,7 +28,8 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from stages.data import BatchLoader, Pack, PackedImages, StreamLoader, normalize, read_normalization
+from stages.data import (BatchLoader, Pack, PackedImages, StreamLoader, normalize, read_classes,
+                         read_normalization)
 from stages.datasets import DATASETS
 from stages.devices import cpu_summary
 from stages.params import PreprocessParams
@@ -66,7 +67,7 @@ def best_of_two(make: callable) -> float:
 
 def rates(folder: Path, images_dir: Path, workers: int) -> dict[str, float]:
     stats = read_normalization(images_dir)
-    pack = Pack(images_dir, "train")
+    pack = Pack(images_dir, "train", len(read_classes(images_dir)))
     labels = torch.zeros(len(pack), dtype=torch.int64)
     options = dict(crop_padding=PADDING, flip=True, shuffle=True, drop_last=True, seed=0)
     held = normalize(torch.from_numpy(pack.read_all()), stats["mean"], stats["std"])
@@ -88,7 +89,7 @@ def measure(folder: Path, side: int | None, workers: int, scratch: Path) -> None
     params = PreprocessParams(val_fraction=0.0, seed=0, workers=2, test_fraction=0.1)
     preprocess(folder, images_dir, params, DATASETS["folder"])
     result = rates(folder, images_dir, workers)
-    shape = "x".join(map(str, Pack(images_dir, "train").shape))
+    shape = "x".join(map(str, Pack(images_dir, "train", len(read_classes(images_dir))).shape))
     base = result["in memory"]
     print(f"\n{shape} (train split), batch {BATCH}, {workers} workers, {cpu_summary()}")
     for name, rate in result.items():

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
-                           pack_header, pack_path)
+                           labels_path, pack_header, pack_path)
 from stages.outputs import StageError
 
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
@@ -334,13 +334,14 @@ class Pack:
     through a plain map would grow the process to the file's size. Dropped, the pages stay in
     the kernel's page cache, and the next read maps them again without touching the disk."""
 
-    def __init__(self, root: Path, split: str) -> None:
+    def __init__(self, root: Path, split: str, num_classes: int) -> None:
         self.path = pack_path(root, split)
         shape, offset = pack_header(self.path)
         self.shape = torch.Size(shape)
         with open(self.path, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         self.array = np.frombuffer(self.map, np.uint8, math.prod(shape), offset).reshape(shape)
+        self.labels = read_labels(labels_path(root, split), len(self), num_classes)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -460,24 +461,23 @@ class Data:
     train_images: Images
     train_labels: torch.Tensor
     val: tuple[Images, torch.Tensor] | None
-    fingerprint: str  # of the CSVs: a checkpoint from other data is not resumed
+    fingerprint: str  # of the labels: a checkpoint from other data is not resumed
 
 
-def read_labels(csv_path: Path, count: int, num_classes: int) -> torch.Tensor:
-    """The label column of a split's CSV, checked against its pack's length and the classes."""
+def read_labels(path: Path, count: int, num_classes: int) -> torch.Tensor:
+    """A pack's labels (<split>-labels.npy), checked against its length and the classes."""
     try:
-        with open(csv_path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            labels = [row[1] for row in reader if len(row) == len(CSV_HEADER)]
+        labels = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise StageError(f"{csv_path}: not found; run `dvc repro preprocess`") from None
-    if header != list(CSV_HEADER) or len(labels) != count:
-        raise StageError(f"{csv_path}: expected a {','.join(CSV_HEADER)} header and {count} rows, "
-                         "one per image of its pack; run `dvc repro preprocess`")
-    if not all(text.isdigit() and int(text) < num_classes for text in labels):
-        raise StageError(f"{csv_path}: a label outside [0, {num_classes}); run `dvc repro preprocess`")
-    return torch.tensor([int(text) for text in labels], dtype=torch.int64)
+        raise StageError(f"{path}: not found; run `dvc repro preprocess`") from None
+    except (ValueError, OSError) as err:
+        raise StageError(f"{path}: not a readable .npy ({err}); run `dvc repro preprocess`") from None
+    if labels.dtype != np.int64 or labels.shape != (count,):
+        raise StageError(f"{path}: expected {count} int64 labels, one per image of its pack, found "
+                         f"{labels.dtype} {labels.shape}; run `dvc repro preprocess`")
+    if count and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise StageError(f"{path}: a label outside [0, {num_classes}); run `dvc repro preprocess`")
+    return torch.from_numpy(labels)
 
 
 # Bytes per pixel value an in-memory split takes: the uint8 read, its float32 copy, and for
@@ -487,8 +487,8 @@ IN_MEMORY_BYTES = {"train": 1 + 4 + 4 + 4, "val": 1 + 4}
 
 def load_split(root: Path, split: str, num_classes: int, stats: dict[str, list[float]],
                device: torch.device, stream: bool) -> tuple[Images, torch.Tensor]:
-    pack = Pack(root, split)
-    labels = read_labels(root / f"{split}.csv", len(pack), num_classes).to(device)
+    pack = Pack(root, split, num_classes)
+    labels = pack.labels.to(device)
     if stream:
         return PackedImages(pack, stats, device), labels
     images = to_device(torch.from_numpy(pack.read_all()), device)
@@ -500,7 +500,7 @@ def load_data(root: Path, device: torch.device, budget: int) -> Data:
     `budget` bytes, else streamed from their packs."""
     classes = read_classes(root)
     stats = read_normalization(root)
-    splits = ["train", *(["val"] if (root / "val.csv").exists() else [])]
+    splits = ["train", *(["val"] if pack_path(root, "val").exists() else [])]
     needed = sum(math.prod(pack_header(pack_path(root, s))[0]) * IN_MEMORY_BYTES[s] for s in splits)
     stream = needed > budget
     print(f"data: {'streamed from the packs' if stream else 'in memory'}: the splits take "
@@ -509,7 +509,6 @@ def load_data(root: Path, device: torch.device, budget: int) -> Data:
     train = load_split(root, "train", len(classes), stats, device, stream)
     val = load_split(root, "val", len(classes), stats, device, stream) if len(splits) > 1 else None
     digest = hashlib.sha256()
-    for name in ("train.csv", "val.csv", NORMALIZATION_FILE):
-        if (root / name).exists():
-            digest.update((root / name).read_bytes())
+    for path in [*(labels_path(root, s) for s in splits), root / NORMALIZATION_FILE]:
+        digest.update(path.read_bytes())
     return Data(classes, stats, *train, val, digest.hexdigest())

@@ -1,6 +1,6 @@
 """evaluate: trained models + the test split -> metrics/eval/<model>.json and plots
 
-usage: python -m stages.evaluate IMAGES_DIR METRICS_DIR PLOTS_DIR MODEL_DIR...
+usage: python -m stages.evaluate PACKED_DIR METRICS_DIR PLOTS_DIR MODEL_DIR...
 
 For each MODEL_DIR (named e.g. models/train), writes METRICS_DIR/<name>.json (accuracy, loss,
 macro F1, flip and flip+shift test-time-augmented accuracy, where it ran) and
@@ -19,7 +19,7 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from stages.data import Images, Pack, PackedImages, read_classes, read_labels
+from stages.data import Images, Pack, PackedImages, read_classes
 from stages.devices import announce, hardware, pick_device, pick_precision
 from stages.folder import CLASSES_FILE
 from stages.loop import loss_and_accuracy, predict_levels
@@ -109,8 +109,8 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
     announce(device, precision)
     machine = hardware(device, precision)
     classes = read_classes(images_dir)
-    pack = Pack(images_dir, "test")  # streamed, a batch at a time: any size of test split fits
-    labels = read_labels(images_dir / "test.csv", len(pack), len(classes))
+    pack = Pack(images_dir, "test", len(classes))  # streamed a batch at a time: any size fits
+    labels = pack.labels
     device_labels = labels.to(device)
     results: dict[str, dict] = {}
     with atomic_dir(plots_dir) as plots_tmp:

@@ -1,7 +1,7 @@
 """finetune: a state_dict file + data/images -> models/finetune/{model.pt,model.json},
 metrics/finetune.json, DVCLive curves
 
-usage: python -m stages.finetune IMAGES_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
+usage: python -m stages.finetune PACKED_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
 
 Starts from `finetune.init` (the train stage's model, or a user's file such as torchvision's
 ImageNet ResNet-18 weights) and runs train's loop with per-group learning rates: the head at

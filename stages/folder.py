@@ -1,11 +1,15 @@
 """The image folder's layout, written by preprocess and read by every stage after it, and the
 one guarded way to open an image. Torch-free, so that preprocess does not import torch.
 
-OUT_DIR/{train,val,test}.csv list `path,label,class_name` rows (path relative to OUT_DIR);
-OUT_DIR/classes.json holds the class names in label order, normalization.json the train
-split's per-channel mean and std. OUT_DIR/{split}.npy packs each split's images, in its CSV's
-order, as one uint8 N x C x H x W array (numpy's .npy format, memory-mappable): the training
-stages read it instead of decoding the PNGs again.
+The image folder: {train,val,test}.csv list `path,label,class_name` rows (path relative to the
+folder); classes.json holds the class names in label order, normalization.json the train
+split's per-channel mean and std.
+
+The packed folder (the same one, or one of its own: data/packed): {split}.npy packs each
+split's images, in its CSV's order, as one uint8 N x C x H x W array (numpy's .npy format,
+memory-mappable), {split}-labels.npy their int64 labels, beside the same classes.json and
+normalization.json. The training stages read it instead of decoding the PNGs again; a few
+large files also spare DVC the hashing of a folder of many small ones.
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ def decode_image(path: Path, mode: str, draft: tuple[int, int] | None = None) ->
 
 def pack_path(root: Path, split: str) -> Path:
     return root / f"{split}{PACK_SUFFIX}"
+
+
+def labels_path(root: Path, split: str) -> Path:
+    return root / f"{split}-labels{PACK_SUFFIX}"
 
 
 def pack_header(path: Path) -> tuple[tuple[int, ...], int]:

@@ -1,10 +1,11 @@
 """preprocess: data/extracted/<dataset>/ -> data/images/
 
-usage: python -m stages.preprocess SOURCE_DIR OUT_DIR
+usage: python -m stages.preprocess SOURCE_DIR OUT_DIR [PACKED_DIR]
 
 Writes OUT_DIR/{train,val,test}/<class>/<index>.png (RGB, or 1-channel for grayscale data),
-OUT_DIR/{train,val,test}.csv, each split packed as OUT_DIR/<split>.npy, and classes.json and
-normalization.json (one value per channel), as stages/folder.py lays the folder out. Every
+OUT_DIR/{train,val,test}.csv, each split packed with its labels into PACKED_DIR (default:
+OUT_DIR), and classes.json and normalization.json (one value per channel) into both, as
+stages/folder.py lays the folders out. Every
 image is decoded once: `preprocess.channels` and `preprocess.size` fit it (a person's folder of
 mixed sizes needs a size), and a source without a test split gets one carved
 (`preprocess.test_fraction`). The source files are untrusted. CIFAR pickles are read
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from stages.datasets import DATASETS, IDX_FILES, Dataset, read_idx_header
 from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
-                           open_image, pack_path)
+                           labels_path, open_image, pack_path)
 from stages.imagefolder import list_folder
 from stages.outputs import StageError, atomic_dir, stage_main
 from stages.params import PreprocessParams, load_params
@@ -302,9 +303,11 @@ class ChannelSums:
         return {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def write_split(split: Split, classes: list[str], root: Path, fit: Fit, pool: Pool | None,
-                bar: tqdm) -> ChannelSums:
-    """A split's PNGs, its CSV and its pack (the PNGs' pixels, in the CSV's order)."""
+def write_split(split: Split, classes: list[str], roots: tuple[Path, Path], fit: Fit,
+                pool: Pool | None, bar: tqdm) -> ChannelSums:
+    """A split's PNGs and CSV under roots[0], its pack (the PNGs' pixels, in the CSV's order)
+    and labels under roots[1]."""
+    root, packed = roots
     for name in classes:
         (root / split.name / name).mkdir(parents=True)
     paths = relative_paths(split, classes)
@@ -312,7 +315,8 @@ def write_split(split: Split, classes: list[str], root: Path, fit: Fit, pool: Po
     shape = (fit.channels, *(fit.size or split.images.shape[2:]))
     tasks = chunks(split, paths, root, fit, shape)
     sums = ChannelSums(fit.channels)
-    with open(pack_path(root, split.name), "wb") as pack:
+    np.save(labels_path(packed, split.name), split.labels.astype(np.int64))
+    with open(pack_path(packed, split.name), "wb") as pack:
         np.lib.format.write_array_header_1_0(pack, {"descr": "|u1", "fortran_order": False,
                                                     "shape": (len(paths), *shape)})
         for images in (pool.imap(encode_chunk, tasks) if pool else map(encode_chunk, tasks)):
@@ -325,12 +329,13 @@ def write_split(split: Split, classes: list[str], root: Path, fit: Fit, pool: Po
     return sums
 
 
-def write_images(splits: list[Split], classes: list[str], root: Path, fit: Fit,
+def write_images(splits: list[Split], classes: list[str], roots: tuple[Path, Path], fit: Fit,
                  pool: Pool | None) -> dict[str, list[float]]:
     """Encode every split's PNGs in `pool`'s processes (None: in this one), and write its CSV
-    and pack; returns the training split's normalization."""
+    (under roots[0]) and pack (under roots[1], which may be the same folder); returns the
+    training split's normalization."""
     with tqdm(total=sum(len(s.labels) for s in splits), unit="img", desc="png + pack") as bar:
-        sums = [write_split(split, classes, root, fit, pool, bar) for split in splits]
+        sums = [write_split(split, classes, roots, fit, pool, bar) for split in splits]
     return sums[0].stats()
 
 
@@ -419,15 +424,20 @@ def plan_fit(source: Source, params: PreprocessParams, pool: Pool | None) -> Fit
     return Fit(channels, size or first[1][::-1])
 
 
-def preprocess(source_dir: Path, out: Path, params: PreprocessParams, dataset: Dataset) -> None:
+def preprocess(source_dir: Path, out: Path, params: PreprocessParams, dataset: Dataset,
+               packed: Path | None = None) -> None:
+    """The image folder into `out`, its packs into `packed` (None: into `out` too)."""
     source = read_source(source_dir, dataset)
     splits = build_splits(source, params)
-    with atomic_dir(out) as tmp, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(out))
+        tmp_packed = stack.enter_context(atomic_dir(packed)) if packed else tmp
         pool = stack.enter_context(multiprocessing.Pool(params.workers)) if params.workers > 1 else None
         fit = plan_fit(source, params, pool)
-        stats = write_images(splits, source.classes, tmp, fit, pool)
-        (tmp / CLASSES_FILE).write_text(json.dumps(source.classes) + "\n")
-        (tmp / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        stats = write_images(splits, source.classes, (tmp, tmp_packed), fit, pool)
+        for folder in {tmp, tmp_packed}:
+            (folder / CLASSES_FILE).write_text(json.dumps(source.classes) + "\n")
+            (folder / NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     counts = ", ".join(f"{s.name} {len(s.labels)}" for s in splits)
     shape = f"{fit.channels} x {fit.size[0]} x {fit.size[1]}" if fit.size else "their own size"
     print(f"preprocess: wrote {counts} images ({shape}), CSVs and packs to {out}")
@@ -435,11 +445,12 @@ def preprocess(source_dir: Path, out: Path, params: PreprocessParams, dataset: D
 
 @stage_main
 def main() -> None:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
     params = load_params()
-    preprocess(Path(sys.argv[1]), Path(sys.argv[2]), params.preprocess,
-               DATASETS[params.download.dataset])
+    paths = [Path(arg) for arg in sys.argv[1:]]
+    preprocess(paths[0], paths[1], params.preprocess, DATASETS[params.download.dataset],
+               paths[2] if len(paths) == 3 else None)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class Outputs:
 
 
 def stage_paths(usage: str) -> tuple[Path, Outputs]:
-    """IMAGES_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT from the command line."""
+    """PACKED_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT from the command line."""
     if len(sys.argv) != 6:
         raise SystemExit(usage)
     images_dir, *paths = map(Path, sys.argv[1:])

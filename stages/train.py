@@ -1,6 +1,6 @@
 """train: data/images -> models/train/{model.pt,model.json}, metrics/train.json, DVCLive curves
 
-usage: python -m stages.train IMAGES_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
+usage: python -m stages.train PACKED_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
 
 Trains `train.arch` from scratch with the train section's recipe. A checkpoint is written
 after every epoch; a rerun with the same params and data resumes from it.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE
+from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE, labels_path, pack_path
 
 
 def write_folder(root: Path, channels: int, size: int, num_classes: int,
@@ -22,7 +22,7 @@ def write_folder(root: Path, channels: int, size: int, num_classes: int,
     classes = [f"class_{i:02d}" for i in range(num_classes)]
     train_pixels = []
     for split, count in per_class.items():
-        rows, split_pixels = [], []
+        rows, split_pixels, split_labels = [], [], []
         for label, name in enumerate(classes):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for index in range(count):
@@ -30,6 +30,7 @@ def write_folder(root: Path, channels: int, size: int, num_classes: int,
                 pixels = np.clip(level[None, None, :] + rng.integers(-40, 41, (size, size, channels)), 0, 255)
                 pixels = pixels.astype(np.uint8)
                 split_pixels.append(pixels)
+                split_labels.append(label)
                 if split == "train":
                     train_pixels.append(pixels)
                 path = f"{split}/{name}/{index}.png"
@@ -37,7 +38,7 @@ def write_folder(root: Path, channels: int, size: int, num_classes: int,
                 rows.append([path, label, name])
         with open(root / f"{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows([CSV_HEADER, *rows])
-        write_pack(root, split, split_pixels)
+        write_pack(root, split, split_pixels, split_labels)
     stack = np.stack(train_pixels).astype(np.float64) / 255
     (root / CLASSES_FILE).write_text(json.dumps(classes))
     (root / NORMALIZATION_FILE).write_text(json.dumps(
@@ -45,9 +46,11 @@ def write_folder(root: Path, channels: int, size: int, num_classes: int,
     return root
 
 
-def write_pack(root: Path, split: str, pixels: list[np.ndarray]) -> None:
-    """The split's pack, as preprocess writes it: uint8 N x C x H x W in the CSV's order."""
-    np.save(root / f"{split}.npy", np.stack([p.transpose(2, 0, 1) for p in pixels]))
+def write_pack(root: Path, split: str, pixels: list[np.ndarray], labels: list[int]) -> None:
+    """The split's pack, as preprocess writes it: uint8 N x C x H x W in the CSV's order, and
+    its labels."""
+    np.save(pack_path(root, split), np.stack([p.transpose(2, 0, 1) for p in pixels]))
+    np.save(labels_path(root, split), np.array(labels, dtype=np.int64))
 
 
 CLASSES = ("apple", "bee", "cloud", "daisy", "eel")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.data import CsvImageDataset, Pack, read_labels
+from stages.data import CsvImageDataset, Pack
 from stages.datasets import DATASETS
 from stages.download import copy_folder, download
 from stages.extract import extract_archive
@@ -43,24 +43,26 @@ def prepared(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_mixed_folder_becomes_one_size_rgb_with_a_carved_test_split(prepared: Path, capsys) -> None:
     assert json.loads((prepared / "classes.json").read_text()) == list(CLASSES)
-    sizes = {split: len(Pack(prepared, split)) for split in ("train", "val", "test")}
+    sizes = {split: len(Pack(prepared, split, 5)) for split in ("train", "val", "test")}
     # 62 images: 12 a class, and the grayscale and RGBA ones; 20% of each class held out for test
     assert sum(sizes.values()) == 62 and sizes["test"] == 12
-    assert Pack(prepared, "train").shape[1:] == (3, 24, 32)
-    test_labels = read_labels(prepared / "test.csv", sizes["test"], 5)
+    assert Pack(prepared, "train", 5).shape[1:] == (3, 24, 32)
+    test_labels = Pack(prepared, "test", 5).labels
     assert np.bincount(test_labels.numpy()).tolist() == [2, 3, 3, 2, 2]  # stratified: round(0.2 n)
 
 
-def test_the_pack_holds_the_pngs_pixels_and_labels_in_csv_order(prepared: Path) -> None:
+def test_the_pack_holds_the_pngs_pixels_and_labels_in_csv_order(photos: Path, tmp_path: Path) -> None:
+    preprocess(photos, tmp_path / "images", params(), FOLDER, tmp_path / "packed")
+    prepared = tmp_path / "images"
     for split in ("train", "val", "test"):
-        pack = Pack(prepared, split)
+        pack = Pack(tmp_path / "packed", split, 5)
         dataset = CsvImageDataset(prepared / f"{split}.csv", prepared)
         packed = pack.read_all()
         assert len(dataset) == len(pack)
         for i in range(len(dataset)):
             image, label = dataset[i]
             assert np.array_equal(np.asarray(image).transpose(2, 0, 1), packed[i])
-            assert label == read_labels(prepared / f"{split}.csv", len(pack), 5)[i]
+            assert label == pack.labels[i]
         order = np.array([3, 0, 1, 2, len(pack) - 1])
         assert np.array_equal(pack.read(order), packed[order])
 
@@ -78,11 +80,11 @@ def test_an_all_grayscale_folder_stays_one_channel_and_rgba_becomes_rgb(tmp_path
             for i in range(3):
                 Image.new("L", (20, 20), 40 + 100 * (name == "b")).save(tmp_path / "src" / split / name / f"{i}.png")
     preprocess(tmp_path / "src", tmp_path / "gray", params(size=None), FOLDER)
-    assert Pack(tmp_path / "gray", "train").shape[1:] == (1, 20, 20)
-    assert len(Pack(tmp_path / "gray", "test")) == 6  # the folder's own test split, nothing carved
+    assert Pack(tmp_path / "gray", "train", 2).shape[1:] == (1, 20, 20)
+    assert len(Pack(tmp_path / "gray", "test", 2)) == 6  # the folder's own test split, nothing carved
     Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(tmp_path / "src" / "test" / "a" / "0.png")
     preprocess(tmp_path / "src", tmp_path / "rgb", params(size=None), FOLDER)
-    assert Pack(tmp_path / "rgb", "train").shape[1:] == (3, 20, 20)
+    assert Pack(tmp_path / "rgb", "train", 2).shape[1:] == (3, 20, 20)
 
 
 def test_a_csv_layout_with_class_names_reads_like_the_folder(photos: Path, tmp_path: Path) -> None:
@@ -95,7 +97,7 @@ def test_a_csv_layout_with_class_names_reads_like_the_folder(photos: Path, tmp_p
     (source / "labels.csv").write_text("\n".join(rows).replace("file,", "path,", 1) + "\n")
     preprocess(source, tmp_path / "images", params(), FOLDER)
     assert json.loads((tmp_path / "images" / "classes.json").read_text()) == list(CLASSES)
-    assert sum(len(Pack(tmp_path / "images", s)) for s in ("train", "val", "test")) == 60
+    assert sum(len(Pack(tmp_path / "images", s, 5)) for s in ("train", "val", "test")) == 60
 
 
 def test_mixed_sizes_without_preprocess_size_name_a_file(photos: Path, tmp_path: Path) -> None:
@@ -204,3 +206,12 @@ def test_dataset_folder_needs_a_url(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"download.url: dataset folder takes your images from"):
         download(DownloadParams("folder", None, None, 30, 3), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+def test_predict_names_a_bomb_and_a_missing_file(tmp_path: Path) -> None:
+    from stages.predict import prepare
+
+    with pytest.raises(StageError, match=r"huge.png: (declares 50000 x 50000 pixels|not a readable image)"):
+        prepare([png_bomb(tmp_path / "huge.png")], (3, 32, 32))
+    with pytest.raises(StageError, match=r"gone.jpg: image file does not exist"):
+        prepare([tmp_path / "gone.jpg"], (3, 32, 32))

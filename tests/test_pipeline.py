@@ -77,6 +77,9 @@ def test_dvc_repro_preprocess_builds_the_image_folder_once(project: Path, tarbal
     assert sorted(p.name for p in images.iterdir()) == [
         "classes.json", "normalization.json", "test", "test.csv", "train", "train.csv", "val", "val.csv"]
     assert len(list(images.glob("*/*/*.png"))) == 120
+    assert sorted(p.name for p in (repo / "data" / "packed").iterdir()) == [
+        "classes.json", "normalization.json", "test-labels.npy", "test.npy", "train-labels.npy",
+        "train.npy", "val-labels.npy", "val.npy"]
     again = dvc(repo, "repro", "preprocess")
     assert "didn't change" in again.stdout and "Running stage" not in again.stdout
     assert dvc(repo, "status", "-q", "preprocess", check=False).returncode == 0

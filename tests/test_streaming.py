@@ -27,7 +27,8 @@ CPU = torch.device("cpu")
 def packed(tmp_path: Path, n: int = 50, size: tuple[int, int] = (12, 16)) -> tuple[torch.Tensor, Pack]:
     pixels = np.random.default_rng(0).integers(0, 256, (n, 3, *size), dtype=np.uint8)
     np.save(tmp_path / "train.npy", pixels)
-    return normalize(torch.from_numpy(pixels), STATS["mean"], STATS["std"]), Pack(tmp_path, "train")
+    np.save(tmp_path / "train-labels.npy", np.arange(n) % 5)
+    return normalize(torch.from_numpy(pixels), STATS["mean"], STATS["std"]), Pack(tmp_path, "train", 5)
 
 
 @pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
