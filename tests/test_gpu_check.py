@@ -114,7 +114,7 @@ def test_the_whole_check_runs_through_on_the_cpu_with_cuda_faked(image_folder: P
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 ** 30)
-    assert gpu_check.main([str(image_folder), "--seeds", "2", "--steps", "1",
+    assert gpu_check.main([str(image_folder), "--packed", str(image_folder), "--seeds", "2", "--steps", "1",
                            "--recipes", "default", "short"]) == 0
     out = capsys.readouterr().out
     assert modes[0] == "error" and modes[-1] == "default"  # the steps ran strict, then reset
