@@ -59,7 +59,7 @@ def local_source(url: str) -> Path | None:
     if parsed.scheme == "file":
         return Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme == "":
-        return Path(url)
+        return Path(url).expanduser()
     if parsed.scheme in ("http", "https"):
         return None
     raise StageError(f"download.url {url!r}: unsupported scheme {parsed.scheme!r}; "
