@@ -3,9 +3,9 @@
 usage: python -m bench.run [IMAGES_DIR] [BATCHES_DIR]   (defaults: data/images,
        data/extracted/cifar10, as `make repro` leaves them)
 
-1. data delivery per epoch: decode-once device loader vs CsvImageDataset + DataLoader
-2. preprocess: parallel PNG writer vs one process
-3. training throughput with LeNet: the pipeline's loop vs the tutorials' recipe
+1. preprocess: parallel PNG writer vs one process
+2. training throughput with LeNet: the pipeline's loop vs the tutorials' recipe
+(Data delivery to the step is bench.loading's: in memory, streamed, and ImageFolder.)
 """
 from __future__ import annotations
 
@@ -40,33 +40,6 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def drain(batches) -> int:
-    return sum(len(labels) for _, labels in batches)
-
-
-def augment_transform(stats: dict) -> T.Compose:
-    """The loader's augmentation, per sample: reflect-padded random crop, flip, normalize."""
-    return T.Compose([T.RandomCrop(32, padding=2, padding_mode="reflect"), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(stats["mean"], stats["std"])])
-
-
-def bench_delivery(images_dir: Path) -> None:
-    classes, stats = read_classes(images_dir), read_normalization(images_dir)
-    decode_s, (images, labels) = timed(lambda: decode_split(images_dir / "train.csv", images_dir, len(classes)))
-    images = normalize(images, stats["mean"], stats["std"])
-    loader = BatchLoader(images, labels, BATCH, crop_padding=2, flip=True, shuffle=True,
-                         drop_last=False, seed=0)
-    drain(loader)  # epoch 0 builds nothing extra, but warm the allocator
-    ours_s, n = timed(lambda: drain(loader))
-    dataset = CsvImageDataset(images_dir / "train.csv", images_dir, augment_transform(stats))
-    baseline = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=2)
-    base_s, n_base = timed(lambda: drain(baseline))
-    assert n == n_base
-    print(f"1. data delivery, one epoch of {n} images: device loader {ours_s:.2f} s vs "
-          f"CsvImageDataset+DataLoader(2 workers) {base_s:.2f} s -> {base_s / ours_s:.0f}x "
-          f"(one-time decode {decode_s:.1f} s; over 10 epochs {10 * base_s / (decode_s + 10 * ours_s):.1f}x)")
-
-
 def encode(splits: list, classes: list[str], root: Path, workers: int) -> None:
     """preprocess's writer (PNGs, CSV and pack) with `workers` processes, their start included."""
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -88,7 +61,7 @@ def bench_preprocess(batches_dir: Path) -> None:
                 times[workers].append(timed(lambda: encode(test, classes, Path(tmp), workers))[0])
     one_s, two_s = (statistics.median(times[w]) for w in (1, 2))
     n = len(test[0].labels)
-    print(f"2. preprocess, {n} PNGs into {ram or 'a temporary folder'}: 2 processes {two_s:.2f} s vs "
+    print(f"1. preprocess, {n} PNGs into {ram or 'a temporary folder'}: 2 processes {two_s:.2f} s vs "
           f"1 process {one_s:.2f} s -> {one_s / two_s:.2f}x (median of {PREPROCESS_REPEATS})")
 
 
@@ -132,7 +105,7 @@ def pipeline_throughput(images_dir: Path) -> float:
 def bench_training(images_dir: Path) -> None:
     base = tutorial_throughput(images_dir)
     ours = pipeline_throughput(images_dir)
-    print(f"3. LeNet training throughput: pipeline loop {ours:.0f} img/s vs tutorials' recipe "
+    print(f"2. LeNet training throughput: pipeline loop {ours:.0f} img/s vs tutorials' recipe "
           f"{base:.0f} img/s -> {ours / base:.1f}x")
 
 
@@ -142,7 +115,6 @@ def main() -> None:
     if not (images_dir / "train.csv").exists() or not batches_dir.is_dir():
         raise SystemExit(f"bench: needs {images_dir} and {batches_dir}; run `make repro` first")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_delivery(images_dir)
     bench_preprocess(batches_dir)
     bench_training(images_dir)
 

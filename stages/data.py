@@ -485,9 +485,8 @@ def read_labels(path: Path, count: int, num_classes: int) -> torch.Tensor:
 IN_MEMORY_BYTES = {"train": 1 + 4 + 4 + 4, "val": 1 + 4}
 
 
-def load_split(root: Path, split: str, num_classes: int, stats: dict[str, list[float]],
-               device: torch.device, stream: bool) -> tuple[Images, torch.Tensor]:
-    pack = Pack(root, split, num_classes)
+def load_split(pack: Pack, stats: dict[str, list[float]], device: torch.device,
+               stream: bool) -> tuple[Images, torch.Tensor]:
     labels = pack.labels.to(device)
     if stream:
         return PackedImages(pack, stats, device), labels
@@ -500,15 +499,16 @@ def load_data(root: Path, device: torch.device, budget: int) -> Data:
     `budget` bytes, else streamed from their packs."""
     classes = read_classes(root)
     stats = read_normalization(root)
-    splits = ["train", *(["val"] if pack_path(root, "val").exists() else [])]
-    needed = sum(math.prod(pack_header(pack_path(root, s))[0]) * IN_MEMORY_BYTES[s] for s in splits)
+    packs = {split: Pack(root, split, len(classes)) for split in ("train", "val")
+             if split == "train" or pack_path(root, split).exists()}
+    needed = sum(math.prod(pack.shape) * IN_MEMORY_BYTES[split] for split, pack in packs.items())
     stream = needed > budget
     print(f"data: {'streamed from the packs' if stream else 'in memory'}: the splits take "
           f"{needed / 2 ** 20:.0f} MiB in memory, the budget is {budget / 2 ** 20:.0f} MiB "
           "(train.memory_budget)")
-    train = load_split(root, "train", len(classes), stats, device, stream)
-    val = load_split(root, "val", len(classes), stats, device, stream) if len(splits) > 1 else None
-    digest = hashlib.sha256()
-    for path in [*(labels_path(root, s) for s in splits), root / NORMALIZATION_FILE]:
-        digest.update(path.read_bytes())
+    train = load_split(packs["train"], stats, device, stream)
+    val = load_split(packs["val"], stats, device, stream) if "val" in packs else None
+    digest = hashlib.sha256((root / NORMALIZATION_FILE).read_bytes())
+    for pack in packs.values():
+        digest.update(pack.labels.numpy().tobytes())
     return Data(classes, stats, *train, val, digest.hexdigest())

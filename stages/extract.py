@@ -75,19 +75,6 @@ def _kind(member: tarfile.TarInfo) -> str:
     return "directory" if member.isdir() else "special file"
 
 
-def copy_member(archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
-    """Copy one regular member's bytes; the byte count must equal the header's size."""
-    source = archive.extractfile(member)
-    assert source is not None  # check_members admitted regular files only
-    written = 0
-    with source, open(dest, "xb") as out:
-        while block := source.read(CHUNK):
-            written += len(block)
-            if written > member.size:
-                break
-            out.write(block)
-    if written != member.size:
-        raise StageError(f"member {member.name!r}: read {written} bytes, header says {member.size}")
 
 
 def check_gzip(tarball: Path) -> None:
@@ -105,7 +92,8 @@ def extract_tarball(tarball: Path, out: Path, dataset: Dataset) -> None:
         with tarfile.open(tarball, "r:gz") as archive:
             files = check_members(archive.getmembers(), tarball, dataset)
             for name, member in sorted(files.items()):
-                copy_member(archive, member, out / name)
+                copy_stream(archive.extractfile(member), out / name, member.size,
+                            f"{tarball}: member {member.name!r}")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise StageError(f"{tarball}: not a readable .tar.gz ({type(err).__name__}: {err}); "
                          "it is truncated or corrupt: delete it and run `dvc repro download`") from None
@@ -183,7 +171,8 @@ def check_listing(names: list[str], sizes: list[int], archive: Path) -> None:
 
 
 def copy_stream(source: object, dest: Path, size: int, where: str) -> None:
-    """Copy a member's bytes, never past its declared size."""
+    """Copy an archive member's bytes (a tar's or a zip's), never past its declared size; the
+    byte count must equal it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with source, open(dest, "xb") as out:  # type: ignore[attr-defined]
