@@ -105,7 +105,7 @@ class TrainParams:
     progressive_until: float
     # ... each epoch's side rounded to a multiple of this (1: any side). airbench's FLOPs rise
     # in steps, as its poolings' floors switch: a side of 4k + 1 costs up to a third more than
-    # 4k, for one pixel more (README, issue #13), so 4 keeps every epoch on a cheap side
+    # 4k, for one pixel more (docs/performance.md), so 4 keeps every epoch on a cheap side
     progressive_step: int
     # example selection: from this epoch on (0 = never) each epoch trains on the
     # `select_fraction` of the set with the highest loss when last seen (loop.Training)

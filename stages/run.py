@@ -133,7 +133,7 @@ HISTOGRAM_BINS = 30
 def layer_histograms(model: nn.Module, epoch: int) -> dict[str, list[dict]]:
     """Histograms of every conv and linear weight (the layers that matter: not biases or
     norms) and of its last step's gradient, as DVCLive custom-plot rows. A few histc calls an
-    epoch: too cheap to be worth a switch (see the README)."""
+    epoch: too cheap to be worth a switch (see docs/performance.md)."""
     rows: dict[str, list[dict]] = {"weights": [], "gradients": []}
     for name, param in model.named_parameters():
         if param.ndim < 2:
