@@ -38,7 +38,9 @@ def scratch_repo(repo: Path, mnist: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(mnist.glob("*-ubyte.gz"))}
     params["download"].update(dataset="mnist", url=mnist.resolve().as_uri() + "/", md5=md5)
-    params["train"].update(epochs=1.0, flip=False)
+    # float32: the default recipe's bf16 does not train on MNIST yet (issue 41)
+    params["train"].update(epochs=1.0, flip=False, amp=False)
+    params["evaluate"].update(amp=False)
     params["finetune"].update(epochs=0.2, freeze_epochs=0)  # its loop's length is not measured
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.com"],
@@ -59,7 +61,9 @@ def timed_run(repo: Path, *args: str) -> tuple[float, dict[str, float], float]:
     current, since, scored = None, start, 0.0
     process = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = []
     for line in process.stdout:
+        output.append(line)
         now = time.perf_counter()
         if match := STAGE.search(line):
             if current:
@@ -68,7 +72,7 @@ def timed_run(repo: Path, *args: str) -> tuple[float, dict[str, float], float]:
         if match := SCORED.search(line):
             scored += float(match.group(1))
     if process.wait() != 0:
-        raise SystemExit(f"dvc {' '.join(args)} failed in {repo}")
+        raise SystemExit("".join(output[-30:]) + f"dvc {' '.join(args)} failed in {repo}")
     end = time.perf_counter()
     if current:
         stages[current] = end - since

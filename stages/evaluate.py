@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, ImageDraw
 
 from stages.data import Images, Pack, PackedImages, read_classes
@@ -86,7 +85,7 @@ def misclassified_grid(pack: Pack, labels: torch.Tensor, predictions: torch.Tens
     """A grid of the first `count` wrong test images, each captioned `true>predicted`; small
     images are drawn enlarged (32 px at 96), so that they are recognisable."""
     wrong = torch.nonzero(labels != predictions).flatten()[:count].tolist()
-    images = torch.from_numpy(pack.read(np.array(wrong, dtype=np.int64)))
+    images = pack.read(np.array(wrong, dtype=np.int64)).transpose(0, 2, 3, 1)  # N, H, W, C
     height, width = pack.shape[-2:]
     scale = max(1, CELL_SIDE // max(height, width))
     cell_w, cell_h = width * scale, height * scale
@@ -95,7 +94,7 @@ def misclassified_grid(pack: Pack, labels: torch.Tensor, predictions: torch.Tens
     draw = ImageDraw.Draw(grid)
     for slot, (index, pixels) in enumerate(zip(wrong, images)):
         x, y = (slot % GRID_COLUMNS) * cell_w, (slot // GRID_COLUMNS) * (cell_h + LABEL_HEIGHT)
-        image = torchvision.transforms.functional.to_pil_image(pixels)
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
         grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (x, y))
         caption = f"{classes[labels[index]]}>{classes[predictions[index]]}"
         draw.text((x + 2, y + cell_h + 1), caption[:16], fill="black")

@@ -364,6 +364,8 @@ class Training:
         self.epoch = 0
         self.average: WeightAverage | None = None
         self.history: list[dict[str, float]] = []
+        # the last epoch's validation logits per final level (None: not computed in this process)
+        self.final_logits: dict[str, torch.Tensor] | None = None
         self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
         self.criterion = make_criterion(params, loader.labels)
 
@@ -600,6 +602,24 @@ def naming_out_of_memory(training: Training) -> Iterator[None]:
                          f"{training.params.eval_batch_size}); lower them in params.yaml") from None
 
 
+def final_levels(params: TrainParams) -> list[str]:
+    """The TTA levels the final validation reports: plain, and `tta` where it adds views."""
+    return list(dict.fromkeys(("none", params.tta)))
+
+
+def validate(training: Training, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Validation logits after an epoch: plain, and after the last one at every final level,
+    timed (airbench counts its final evaluation) and kept for the final metrics."""
+    last = training.epoch + 1 >= training.epochs or training.step >= training.total_steps
+    levels = final_levels(training.params) if last else ["none"]
+    with training.watch.section() if last else contextlib.nullcontext():
+        logits = predict_levels(training.model, images, training.params.eval_batch_size, levels,
+                                training.precision.dtype)
+    if last:
+        training.final_logits = logits
+    return logits
+
+
 def validation_due(training: Training) -> bool:
     """After every `eval_every`-th epoch, and after the last (called before the count moves on)."""
     every, done = training.params.eval_every, training.epoch + 1
@@ -614,7 +634,9 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
     main = training.ranks.main
     for past, row in enumerate(training.history):
         log_epoch(past, row)
-    if training.epoch < training.epochs:
+    # Warming up pays for itself where there is set-up to keep off the clock (compilation,
+    # cuDNN's search, a GPU allocator's growth); an eager CPU run has none worth a step.
+    if training.epoch < training.epochs and (training.device.type != "cpu" or training.params.compile):
         with naming_out_of_memory(training):
             warm_up(training, val if main else None)
     while training.epoch < training.epochs and training.step < training.total_steps:
@@ -626,8 +648,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
             training.epochs_seconds += seconds
             row = {"train/loss": epoch["loss"], "train/accuracy": epoch["accuracy"]}
             if main and val is not None and validation_due(training):
-                logits = predict_logits(training.model, val[0], training.params.eval_batch_size,
-                                        "none", training.precision.dtype)
+                logits = validate(training, val[0])["none"]
                 row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
         training.history.append(row)
         training.epoch += 1

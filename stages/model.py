@@ -20,6 +20,7 @@ MNIST tutorial's, with dropout).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import pickle
@@ -27,12 +28,11 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from stages.folder import MODES
 from stages.outputs import StageError, atomic_dir
-from stages.params import ARCH_NAMES
+from stages.archs import ARCHS
 
 # airbench fits its whitening to 5,000 CIFAR images' 2x2 patches (31 x 31 each): enough for a
 # stable covariance. Larger images give more patches each, so fewer of them are read: the
@@ -118,46 +118,6 @@ class LeNet(Architecture):
         x = self.pool(torch.relu(self.conv2(x)))
         x = torch.flatten(x, 1)
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class ResNet18(torchvision.models.ResNet, Architecture):
-    """torchvision's ResNet-18 with a CIFAR stem (3x3 conv, stride 1, no max-pool) for any
-    channel count; its average pool is adaptive, so any size from 8x8 up works.
-
-    Key names are torchvision's, so ImageNet weights load by name; only `conv1` (7x7 and RGB
-    there) and `fc` (1000 classes there) differ in shape and are re-initialised when finetuning.
-    """
-
-    HEAD = "fc."
-    STEM = ("conv1.weight",)
-    ANY_SIZE = True
-
-    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
-        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-        self.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.maxpool = nn.Identity()
-        # layer4's 3x3 convs train on 4x4 maps at 32 px: the small-map path of Conv3x3
-        blocks = [m for m in self.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
-        for block in blocks:  # a list first: the loop replaces modules
-            if block.conv1.stride == (1, 1):
-                block.conv1 = as_conv3x3(block.conv1)
-            block.conv2 = as_conv3x3(block.conv2)  # always stride 1
-
-
-class ResNet18ImageNet(torchvision.models.ResNet, Architecture):
-    """torchvision's ResNet-18 as it is, ImageNet stem included (7x7 conv, stride 2, then a
-    max-pool: a quarter of the side before the first block), for photos at 96 px and more. An
-    ImageNet checkpoint loads whole, stem too; only `fc` is re-initialised for the classes
-    (and `conv1` for 1-channel data)."""
-
-    HEAD = "fc."
-    STEM = ("conv1.weight",)
-    ANY_SIZE = True
-
-    def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
-        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-        if channels != 3:
-            self.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -349,16 +309,12 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
         conv.weight.copy_(torch.cat([filters, -filters]))
 
 
-# One entry per name in params.ARCH_NAMES, in its order.
-ARCHS: dict[str, type[Architecture]] = dict(zip(ARCH_NAMES, (
-    AirbenchNet, LeNet, ResNet18, ResNet18ImageNet, QuickstartMLP, MnistMLP), strict=True))
-
-
 def build_model(arch: str, num_classes: int, shape: tuple[int, int, int]) -> Architecture:
     """`arch` for `num_classes` classes and inputs of `shape` (channels, height, width)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
-    return ARCHS[arch](num_classes, *shape)
+    module, name = ARCHS[arch].split(":")
+    return getattr(importlib.import_module(module), name)(num_classes, *shape)
 
 
 def fresh_model(arch: str, num_classes: int, train_images: torch.Tensor) -> Architecture:

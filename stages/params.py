@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.archs import ARCHS
+from stages.datasets import DATASETS
 from stages.outputs import StageError
 
 PARAMS_FILE = Path("params.yaml")
@@ -19,10 +21,9 @@ Amp = Literal["auto", True, False]
 # Test-time augmentation levels, each adding views to the one before (loop.TTA_WEIGHTS); every
 # list of them (train.tta's values, evaluate's metrics) is this one.
 TTA_LEVELS = ("none", "flip", "flip_shift")
-# The data sets download.dataset may name; stages/datasets.py holds what is known of each.
-DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
-# The architectures train.arch may name; stages/model.py builds each (ARCHS).
-ARCH_NAMES = ("airbench", "lenet", "resnet18", "resnet18_imagenet", "mlp", "mnist_mlp")
+# The names download.dataset and train.arch may take: their registries' keys
+DATASET_NAMES = tuple(DATASETS)
+ARCH_NAMES = tuple(ARCHS)
 
 
 class ParamsError(StageError):

@@ -18,8 +18,8 @@ from torch import nn
 from stages.data import Data
 from stages.devices import (Precision, Ranks, Stopwatch, announce, hardware, pick_precision,
                             start, stop)
-from stages.loop import (Checkpoint, Group, Training, fit, loss_and_accuracy, predict_levels,
-                         training_loader)
+from stages.loop import (Checkpoint, Group, Training, final_levels, fit, loss_and_accuracy,
+                         predict_levels, training_loader)
 from stages.model import ModelCard, save_model
 from stages.outputs import write_json
 from stages.params import TrainParams
@@ -155,10 +155,12 @@ def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
     then the times: `train_seconds` counts the timed sections, `images_per_second` the epochs."""
     metrics: dict = {"epochs": params.epochs, "steps": training.step}
     if data.val is not None:
-        levels = list(dict.fromkeys(("none", params.tta)))
-        with training.watch.section():
-            logits = predict_levels(training.model, data.val[0], params.eval_batch_size, levels,
-                                    training.precision.dtype)
+        levels = final_levels(params)
+        logits = training.final_logits
+        if logits is None:  # a finished run resumed: its last validation ran in another process
+            with training.watch.section():
+                logits = predict_levels(training.model, data.val[0], params.eval_batch_size,
+                                        levels, training.precision.dtype)
         for tta in levels:
             loss, accuracy = loss_and_accuracy(logits[tta], data.val[1])
             suffix = "" if tta == "none" else f"_tta_{tta}"

@@ -333,19 +333,24 @@ def test_validation_runs_every_eval_every_epochs_and_after_the_last(tmp_path, ev
     assert all("train/loss" in row for row in rows)
 
 
-def test_training_time_leaves_out_validation_and_warm_up(tmp_path, monkeypatch) -> None:
+def test_training_time_counts_the_final_validation_but_not_the_others(tmp_path, monkeypatch) -> None:
     now = [0.0]
     monkeypatch.setattr(devices.time, "perf_counter", lambda: now[0])
-    real_predict = loop.predict_logits
+    real_predict = loop.predict_levels
+    levels_asked = []
 
     def slow_predict(*args, **kwargs):
-        now[0] += 1000.0  # validation and the warm-up's eval batch each "take" 1000 s
+        now[0] += 1000.0  # each validation "takes" 1000 s
+        levels_asked.append(args[3])
         return real_predict(*args, **kwargs)
-    monkeypatch.setattr(loop, "predict_logits", slow_predict)
-    training = make_training(eval_every=1)
+    monkeypatch.setattr(loop, "predict_levels", slow_predict)
+    training = make_training(eval_every=1, tta="flip")
     fit(training, toy_data(20), Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
-    assert training.watch.seconds() == 0.0
-    assert training.watch.wall_seconds() == 4000.0  # warm-up + 3 validations
+    # no warm-up on an eager CPU run; the last epoch's validation is the final one, timed
+    assert levels_asked == [["none"], ["none"], ["none", "flip"]]
+    assert training.watch.seconds() == 1000.0
+    assert training.watch.wall_seconds() == 3000.0
+    assert set(training.final_logits) == {"none", "flip"}
 
 
 def test_checkpoint_rng_states_never_become_device_tensors(tmp_path) -> None:

@@ -1,0 +1,12 @@
+"""The architectures `train.arch` may name, each as the "module:class" that builds it: one
+list, which params checks names against before torch is imported, and from which
+model.build_model imports only the module it needs."""
+
+ARCHS = {
+    "airbench": "stages.model:AirbenchNet",
+    "lenet": "stages.model:LeNet",
+    "resnet18": "stages.resnets:ResNet18",
+    "resnet18_imagenet": "stages.resnets:ResNet18ImageNet",
+    "mlp": "stages.model:QuickstartMLP",
+    "mnist_mlp": "stages.model:MnistMLP",
+}
