@@ -46,10 +46,8 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.precision
-	$(PY) -m bench.run
 	$(PY) -m bench.loading
-	$(PY) -m bench.frozen
-	$(PY) -m bench.small_maps
+	$(PY) -m bench.startup
 	$(PY) -m bench.time_to_accuracy
 
 # A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the committed

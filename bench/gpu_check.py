@@ -2,8 +2,9 @@
 
 usage: python -m bench.gpu_check [IMAGES_DIR] [--seeds N] [--steps N] [--recipes default airbench94]
 
-Needs a CUDA GPU and refuses to run without one. Needs torch and torchvision only (GPU
-machines often lack dvc, dvclive, PyYAML and tqdm), and the image folder the pipeline wrote
+Needs a CUDA GPU and refuses to run without one. Needs torch, torchvision, PyYAML and tqdm, not
+dvc or dvclive (a GPU machine without PyYAML or tqdm takes their wheels: `pip install --no-index
+--target DIR *.whl`, DIR on PYTHONPATH), and the image folder the pipeline wrote
 (default data/images: `make repro`, or a copy of it). Each check prints ok or FAIL; the exit
 status is 1 if any failed. In order:
   1. versions, device and the precision `amp: auto` picks
@@ -24,105 +25,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.machinery
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-try:
-    import tqdm  # noqa: F401  (stages.loop draws its progress bars with it)
-except ModuleNotFoundError:  # absent on the GPU machines: the bars are cosmetic, so stand in
-    class NoBar:
-        """tqdm's interface as the stages use it (an iterable, or a bar updated by hand)."""
-
-        def __init__(self, iterable: object = None, **_: object) -> None:
-            self.iterable = iterable
-
-        def __iter__(self) -> Iterator:
-            return iter(self.iterable)
-
-        def __enter__(self) -> "NoBar":
-            return self
-
-        def __exit__(self, *_: object) -> None:
-            pass
-
-        def update(self, count: int = 1) -> None:
-            pass
-
-    print("tqdm is not installed: no progress bars", file=sys.stderr)
-    sys.modules["tqdm"] = types.ModuleType("tqdm")
-    sys.modules["tqdm"].__spec__ = importlib.machinery.ModuleSpec("tqdm", None)
-    sys.modules["tqdm"].tqdm = NoBar
-
-from bench.precision import measure, report  # noqa: E402
-from bench.precision import Config  # noqa: E402
-from stages.data import (BatchLoader, decode_split, load_data, normalize,  # noqa: E402
-                         to_device)
-from stages.devices import Stopwatch, memory_budget, pick_device, pick_precision  # noqa: E402
-from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, fit, loss_and_accuracy,  # noqa: E402
+from bench.precision import Config, measure, report
+from stages.data import BatchLoader, decode_split, load_data, normalize, to_device
+from stages.devices import Stopwatch, memory_budget, pick_device, pick_precision
+from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, fit, loss_and_accuracy,
                          predict_levels, scratch_groups, training_loader)
-from stages.model import fresh_model  # noqa: E402
-from stages.params import TrainParams, build  # noqa: E402
+from stages.model import fresh_model
+from stages.params import TrainParams, build, read_yaml
 
 SUBSET = 4096  # images for the quick checks (2-5)
 CLASSES = 10  # CIFAR-10's: the recipe being checked is CIFAR-10's
-COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 class Crash(Exception):
     """Raised after an epoch to stand for a crash."""
-
-
-def read_params_yaml(path: Path) -> dict:
-    """params.yaml without PyYAML: top-level `key: value` lines and sections of `  key: value`
-    lines, comments dropped, YAML 1.1's plain scalars. tests/test_gpu_check.py holds this equal
-    to yaml.safe_load on the real file; any other line is an error, not a guess."""
-    raw: dict = {}
-    section: dict | None = None
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = COMMENT.sub("", line).rstrip()
-        if not text:
-            continue
-        indent = len(text) - len(text.lstrip())
-        key, colon, value = text.strip().partition(":")
-        if not colon or indent not in (0, 2) or (indent == 2 and section is None):
-            raise SystemExit(f"{path}:{number}: not a `key: value` line of a section: {line!r}")
-        value = value.strip()
-        if indent == 2:
-            section[key] = yaml_scalar(value)
-        elif value:
-            raw[key], section = yaml_scalar(value), None
-        else:
-            raw[key] = section = {}
-    return raw
-
-
-def yaml_scalar(text: str) -> object:
-    """As PyYAML reads a plain scalar: a float needs a dot (it reads 1e-3 as a string)."""
-    if text in ("true", "false"):
-        return text == "true"
-    if text in ("null", "~", ""):
-        return None
-    if text[:1] in "\"'" and text[-1:] == text[:1] and len(text) > 1:
-        return text[1:-1]
-    if text[:1] == "{" and text[-1:] == "}":  # a one-line flow mapping of plain scalars
-        items = [item.partition(":") for item in text[1:-1].split(",") if item.strip()]
-        return {key.strip(): yaml_scalar(value.strip()) for key, _, value in items}
-    for kind in (int, float):
-        try:
-            return kind(text) if kind is int or "." in text else text
-        except ValueError:
-            pass
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,9 +215,9 @@ def time_run(params: TrainParams, split: str, train: tuple[torch.Tensor, torch.T
 def recipe(name: str) -> TrainParams:
     """params.yaml's train section (`default`), or with presets/NAME.yaml's train keys over it,
     on CUDA."""
-    train = read_params_yaml(Path("params.yaml"))["train"]
+    train = read_yaml(Path("params.yaml"))["train"]
     if name != "default":
-        train = {**train, **read_params_yaml(Path("presets") / f"{name}.yaml").get("train", {})}
+        train = {**train, **read_yaml(Path("presets") / f"{name}.yaml").get("train", {})}
     return dataclasses.replace(build(TrainParams, train, "train"), device="cuda")
 
 

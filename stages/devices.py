@@ -84,11 +84,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block of >= 32 MiB (a CPU training step's activations,
     gradients and pooling indices) with a fresh mmap and unmaps it when freed, so each step
-    page-faults through all of them again, kernel-zeroing every 4 KiB page: the default step
-    took 1.35x as long at batch 2000, 1.17x at 1024 (Zen5-bf16: AMD EPYC, AVX512_BF16;
-    bench/allocator.py). Served from the heap and never trimmed, the next step reuses the
-    same pages. The process keeps its peak memory until it exits, which a stage does when
-    done."""
+    page-faults through all of them again, the kernel zeroing every 4 KiB page (a step's
+    time grows by a good fraction: docs/performance.md). Served from the heap and never
+    trimmed, the next step reuses the same pages. The process keeps its peak memory until it
+    exits, which a stage does when done."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt(KEEP_FREED)
@@ -134,7 +133,7 @@ def cpu_flags() -> list[str]:
 def pick_precision(device: torch.device, amp: bool | str) -> Precision:
     """`auto`: bf16 autocast where the device computes bf16 natively (a CUDA GPU that has it; a
     CPU with AMX or AVX512_BF16), fp16 on MPS, float32 everywhere else. Elsewhere bf16 is
-    emulated: an AVX2-only CPU ran the default network's step 12-23x slower than in float32.
+    emulated, many times slower than float32 (docs/performance.md).
     Decided from the hardware alone, no timing, so a rerun on the same machine decides alike.
     `true` / `false` force autocast (bf16; fp16 on MPS) on / off."""
     half = torch.float16 if device.type == "mps" else torch.bfloat16
@@ -246,8 +245,12 @@ def start(device_name: str, batch_size: int) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), world), device
 
 
-def stop() -> None:
+def stop(done: bool) -> None:
+    """Leave torchrun's process group; when `done`, only once every rank is done (a rank that
+    leaves while rank 0 still validates and saves can abort gloo under it)."""
     if dist.is_initialized():
+        if done:
+            dist.barrier()
         dist.destroy_process_group()
 
 

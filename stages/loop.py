@@ -209,7 +209,7 @@ NEWTON_SCHULZ_STEPS = 3
 
 def orthogonalize(update: torch.Tensor) -> torch.Tensor:
     """About U V^T of the matrix's SVD U S V^T: its direction with every singular value ~1.
-    In float32: a few GFLOP a step, against a training step's ~1 TFLOP."""
+    In float32: its few matrix products are small beside a training step's convolutions."""
     a, b, c = NEWTON_SCHULZ
     x = update.float()
     x = x / (x.norm() + 1e-7)

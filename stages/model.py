@@ -135,7 +135,7 @@ class Conv3x3(nn.Conv2d):
     on the CPU, maps of up to MATMUL_WGRAD_UP_TO pixels get their weight gradient from
     PatchMatmulConv: oneDNN's kernel for it slows down on small maps."""
 
-    MATMUL_WGRAD_UP_TO = 36  # height x width; 0 = never (bench.small_maps, the baseline)
+    MATMUL_WGRAD_UP_TO = 36  # height x width; 0 = never (docs/performance.md has the measurements)
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs: object) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False, **kwargs)
@@ -175,12 +175,10 @@ class PatchMatmulConv(torch.autograd.Function):
     gradient's channels x positions by the input's 3x3 patches (im2col). The forward and the
     input gradient stay oneDNN's, fast at every size.
 
-    On small maps oneDNN's bf16 weight-gradient kernel ran far below the CPU's speed: 220
-    GFLOP/s on 3x3 maps, 440 on 5x5, 690 on 7x7 (256 channels, batch 2,000), while the
-    product with its patch copy held 750-850 at all three; with 64 channels on 7x7 oneDNN's
-    was the faster (Xeon-AMX: Intel Xeon, AMX; in float32 neither wins). Hence 6x6 (36) as
-    Conv3x3's bound: in airbench at full size only the last conv's 3x3 maps take this path,
-    at 16 px the last three convs' (bench.small_maps)."""
+    On small maps oneDNN's bf16 weight-gradient kernel runs far below the CPU's speed, while
+    this product's speed hardly depends on the map size; on larger maps (and in float32) oneDNN's
+    is as fast or faster. Hence Conv3x3's bound of 6x6: in airbench at full size only the last
+    conv's 3x3 maps take this path, at 16 px the last three convs' (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
@@ -199,7 +197,7 @@ class PatchMatmulConv(torch.autograd.Function):
                 [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             n, channels, height, width = grad.shape
-            # a copy with contiguous rows: the product ran 1.7x as fast on it (Xeon-AMX)
+            # a copy with contiguous rows first: the product is faster on it than on the strided view
             rows = grad.permute(1, 0, 2, 3).reshape(channels, n * height * width)
             grad_weight = (rows @ patches3x3(x)).view(channels, 3, 3, -1).permute(0, 3, 1, 2)
         return grad_x, grad_weight

@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from stages.archs import ARCHS
 from stages.datasets import DATASETS
 from stages.outputs import StageError
@@ -257,7 +259,6 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 
 
 def read_yaml(path: Path) -> dict:
-    import yaml  # here, not at the top: bench.gpu_check builds params where PyYAML is absent
 
     try:
         raw = yaml.safe_load(path.read_text())

@@ -66,10 +66,12 @@ def training_env(params: TrainParams) -> Iterator[Env]:
     env = Env(ranks, device, pick_precision(device, params.amp), Stopwatch(device))
     if ranks.main:
         announce(device, env.precision)
+    done = False
     try:
         yield env
+        done = True
     finally:
-        stop()
+        stop(done)
 
 
 def print_summary(name: str, metrics: dict, env: Env) -> None:

@@ -17,7 +17,7 @@ from stages.datasets import DATASETS, IDX_FILES
 from stages.download import download
 from stages.extract import extract
 from stages.outputs import StageError
-from stages.params import DATASET_NAMES, DownloadParams, PreprocessParams
+from stages.params import DownloadParams, PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import CIFAR100_FINE, cifar100_members, dumps_py2, write_tarball
 from tests.folder_format import write_folder

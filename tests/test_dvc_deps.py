@@ -7,6 +7,7 @@ import ast
 
 import yaml
 
+from stages.archs import ARCHS
 from tests.conftest import ROOT
 
 
@@ -27,6 +28,9 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
         for name in candidates:
             if name.startswith("stages."):
                 stage_imports(name, found)
+    if path == "stages/model.py":  # build_model imports the registered architectures' modules
+        for target in ARCHS.values():
+            stage_imports(target.split(":")[0], found)
     return found
 
 
@@ -42,4 +46,7 @@ def test_the_import_walk_follows_imports_through_modules() -> None:
     assert stage_imports("stages.train") >= {"stages/train.py", "stages/run.py", "stages/loop.py",
                                              "stages/devices.py", "stages/outputs.py"}
     assert stage_imports("stages.extract") == {"stages/extract.py", "stages/datasets.py",
-                                               "stages/outputs.py", "stages/params.py"}
+                                               "stages/outputs.py", "stages/params.py",
+                                               "stages/archs.py"}
+    # the ResNets' module, which the architecture registry names as a string
+    assert "stages/resnets.py" in stage_imports("stages.train")

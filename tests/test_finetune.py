@@ -10,7 +10,6 @@ from stages.devices import pick_precision
 from stages.finetune import init_arch, match_weights, read_state_dict
 from stages.loop import Training, param_groups
 from stages.model import build_model, save_model
-from tests.conftest import ROOT
 from stages.outputs import StageError
 from tests.test_loop import CPU, toy_data, train_params
 from tests.conftest import ROOT, model_card

@@ -1,5 +1,5 @@
-"""bench.gpu_check's CPU-runnable parts: arguments, the refusal without CUDA, reading params.yaml
-without PyYAML, the table, and the checks that need no CUDA-only API, run here on the CPU."""
+"""bench.gpu_check's CPU-runnable parts: arguments, the refusal without CUDA (and without dvc),
+the table, and the checks that need no CUDA-only API, run here on the CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,27 +12,12 @@ import pytest
 import torch
 import yaml
 
-from bench.gpu_check import (Run, check_loader, check_resume, parse_args, read_params_yaml,
-                             summary)
+from bench.gpu_check import Run, check_loader, check_resume, parse_args, summary
 from tests.conftest import ROOT
 from tests.test_loop import toy_data, train_params
 
 # What the GPU machines lack; the check must import and read its params without any of them.
-ABSENT = ("yaml", "tqdm", "dvclive", "dvc", "pandas")
-
-
-def test_params_are_read_as_pyyaml_reads_them() -> None:
-    assert read_params_yaml(ROOT / "params.yaml") == yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def test_the_params_reader_refuses_what_it_does_not_read(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    path.write_text("train:\n  lr: 0.1   # a comment\n  sizes:\n    - 1\n")
-    with pytest.raises(SystemExit, match=r"params.yaml:4: not a `key: value` line"):
-        read_params_yaml(path)
-    path.write_text("seed: 3\ntrain:\n  lr: 1e-3\n  amp: auto\n  compile: false\n  url: 'a: b'\n"
-                    "  keep: {}\n  md5: {a.gz: 0123abc, b.gz: 4567def}\n")  # as make local-data writes it
-    assert read_params_yaml(path) == yaml.safe_load(path.read_text())
+ABSENT = ("dvclive", "dvc", "pandas")
 
 
 def test_arguments_default_and_refuse_nonsense(capsys) -> None:
@@ -45,27 +30,14 @@ def test_arguments_default_and_refuse_nonsense(capsys) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_refuses_without_cuda_and_needs_no_dvc_yaml_or_tqdm(tmp_path: Path) -> None:
+def test_refuses_without_cuda_and_needs_no_dvc(tmp_path: Path) -> None:
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in ABSENT)
     code = f"import sys; {blocked}; import bench.gpu_check as g; sys.exit(g.main([]))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
-        "tqdm is not installed: no progress bars",
         f"bench.gpu_check: needs a CUDA GPU; torch {torch.__version__} (CUDA {torch.version.cuda}) "
         "sees none. Run it on a GPU machine."]
-
-
-def test_without_tqdm_the_stand_in_serves_the_stages_bars(image_folder: Path) -> None:
-    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in ABSENT)
-    code = (f"import sys; {blocked}; import bench.gpu_check; from pathlib import Path; "
-            "from stages.data import decode_split; from stages.loop import predict_logits; "
-            "import torch; from stages.model import build_model; "
-            f"x, y = decode_split(Path({str(image_folder / 'test.csv')!r}), Path({str(image_folder)!r}), 10, 2); "
-            "print(tuple(x.shape), tuple(predict_logits(build_model('lenet', 10, (3, 32, 32)), x.float(), 8, 'none', None).shape))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[0] == "(20, 3, 32, 32) (20, 10)"
 
 
 def test_summary_gives_each_run_then_mean_and_spread_per_split() -> None:
