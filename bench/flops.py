@@ -18,8 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stages.data import BatchLoader
 from stages.devices import keep_freed_memory, pick_precision
-from stages.loop import Training, autocast, scratch_groups
-from stages.model import build_model
+from stages.inference import autocast
+from stages.loop import Training
+from stages.nets import build_model
+from stages.optim import scratch_groups
 from stages.params import Amp, TrainParams
 
 CPU = torch.device("cpu")

@@ -36,11 +36,13 @@ from pathlib import Path
 import torch
 
 from bench.precision import Config, measure, report
+from stages.clock import Stopwatch
 from stages.data import BatchLoader, decode_split, load_data, normalize, to_device
-from stages.devices import Stopwatch, memory_budget, pick_device, pick_precision
-from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, fit, loss_and_accuracy,
-                         predict_levels, scratch_groups, training_loader)
-from stages.model import fresh_model
+from stages.devices import memory_budget, pick_device, pick_precision
+from stages.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
+from stages.loop import Checkpoint, Training, fit, training_loader
+from stages.nets import fresh_model
+from stages.optim import scratch_groups
 from stages.params import TrainParams, build, read_yaml
 
 SUBSET = 4096  # images for the quick checks (2-5)

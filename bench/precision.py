@@ -17,10 +17,11 @@ from collections.abc import Callable
 
 import torch
 
-from stages.devices import (Precision, Stopwatch, cpu_summary, device_name, pick_device,
-                            pick_precision)
-from stages.loop import autocast, make_optimizer, scratch_groups
-from stages.model import build_model
+from stages.clock import Stopwatch
+from stages.devices import Precision, cpu_summary, device_name, pick_device, pick_precision
+from stages.inference import autocast
+from stages.nets import build_model
+from stages.optim import make_optimizer, scratch_groups
 from stages.params import TrainParams, load_params
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}

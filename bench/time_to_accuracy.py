@@ -32,10 +32,10 @@ import torch
 import yaml
 
 from bench.flops import matmul_peak, recipe_flops, step_throughput
+from stages.card import load_trained
 from stages.data import decode_split, normalize, read_annotations, read_classes
 from stages.devices import cpu_summary, pick_precision
-from stages.loop import TTA_WEIGHTS, loss_and_accuracy, predict_levels
-from stages.model import load_trained
+from stages.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.params import Params, build, read_yaml, with_preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,10 +3,10 @@ list, which params checks names against before torch is imported, and from which
 model.build_model imports only the module it needs."""
 
 ARCHS = {
-    "airbench": "stages.model:AirbenchNet",
-    "lenet": "stages.model:LeNet",
+    "airbench": "stages.nets:AirbenchNet",
+    "lenet": "stages.nets:LeNet",
     "resnet18": "stages.resnets:ResNet18",
     "resnet18_imagenet": "stages.resnets:ResNet18ImageNet",
-    "mlp": "stages.model:QuickstartMLP",
-    "mnist_mlp": "stages.model:MnistMLP",
+    "mlp": "stages.nets:QuickstartMLP",
+    "mnist_mlp": "stages.nets:MnistMLP",
 }

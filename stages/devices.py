@@ -13,19 +13,14 @@ this recipe uses (>= 128) local statistics are already stable.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import platform
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from stages.outputs import StageError
 from stages.params import parse_bytes
@@ -171,101 +166,3 @@ def announce(device: torch.device, precision: Precision) -> None:
     """The stage's first line (on stderr, beside tqdm's bars): where it computes, and in what."""
     print(f"device {device_name(device)} (CPU {cpu_summary()}); "
           f"precision {precision.name} ({precision.reason})", file=sys.stderr)
-
-
-class Stopwatch:
-    """Seconds spent in timed sections, as the device sees them, plus the wall time since it
-    was made. CUDA queues kernels and returns at once, so a host clock would time the queueing:
-    there, events recorded on the stream time the work, and only reading them waits."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.started = time.perf_counter()
-        self.carried = 0.0  # seconds from before a resume
-        self.host = 0.0
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    @contextlib.contextmanager
-    def section(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-            return
-        if self.device.type == "mps":
-            torch.mps.synchronize()  # work queued before the section is not the section's
-        begin = time.perf_counter()
-        yield
-        if self.device.type == "mps":
-            torch.mps.synchronize()
-        self.host += time.perf_counter() - begin
-
-    def seconds(self) -> float:
-        """The timed sections' total (waits for the device)."""
-        if self.events:
-            self.events[-1][1].synchronize()
-        device = sum(start.elapsed_time(end) for start, end in self.events) / 1000  # ms
-        return self.carried + self.host + device
-
-    def restore(self, seconds: float) -> None:
-        """Resume at `seconds`: a checkpoint's total, which already holds everything this
-        process timed again before resuming (e.g. the whitening)."""
-        self.carried, self.host, self.events = seconds, 0.0, []
-
-    def wall_seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 alone logs, checkpoints and writes outputs."""
-        return self.rank == 0
-
-
-def start(device_name: str, batch_size: int) -> tuple[Ranks, torch.device]:
-    """Join torchrun's process group if launched by it; returns the ranks and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world == 1:
-        return Ranks(), device
-    if batch_size % world:
-        raise StageError(f"params: batch_size {batch_size} must be divisible by the {world} "
-                         "processes torchrun started, so that the global batch stays the same")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world), device
-
-
-def stop(done: bool) -> None:
-    """Leave torchrun's process group; when `done`, only once every rank is done (a rank that
-    leaves while rank 0 still validates and saves can abort gloo under it)."""
-    if dist.is_initialized():
-        if done:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def wrap(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
-    """DDP around `model` when there are several ranks. There frozen groups keep requires_grad
-    (the loop zeroes their learning rate instead), so every parameter gets a gradient each step
-    and DDP needs no search for unused ones."""
-    if ranks.world == 1:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
-
-
-def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """Sum a tensor over ranks (in place); unchanged for one process."""
-    if ranks.world > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from stages.card import load_trained
 from stages.data import Images, Pack, PackedImages, read_classes
 from stages.devices import announce, hardware, pick_device, pick_precision
 from stages.folder import CLASSES_FILE
-from stages.loop import loss_and_accuracy, predict_levels
-from stages.model import load_trained
+from stages.inference import loss_and_accuracy, predict_levels
 from stages.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.params import TTA_LEVELS, EvaluateParams, load_params
 

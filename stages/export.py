@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.model import load_trained, model_dir_of
+from stages.card import load_trained, model_dir_of
 from stages.outputs import atomic_dir, stage_main
 
 

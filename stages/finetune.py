@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from stages.card import ModelCard, load_weights
 from stages.data import load_data
 from stages.devices import memory_budget
-from stages.loop import param_groups
-from stages.model import Architecture, ModelCard, build_model, load_weights
+from stages.nets import Architecture, build_model
+from stages.optim import param_groups
 from stages.outputs import StageError, stage_main
 from stages.params import Params, TrainParams, load_params
 from stages.run import print_summary, stage_paths, train_and_save, training_env

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.card import load_trained, model_dir_of
 from stages.data import image_array, load_image, normalize
 from stages.devices import announce, pick_device, pick_precision
-from stages.loop import predict_logits
-from stages.model import load_trained, model_dir_of
+from stages.inference import predict_logits
 from stages.outputs import StageError, stage_main
 
 PREDICT_BATCH = 256  # images per forward pass

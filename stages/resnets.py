@@ -6,7 +6,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-from stages.model import Architecture, as_conv3x3
+from stages.nets import Architecture, as_conv3x3
 
 
 class ResNet18(torchvision.models.ResNet, Architecture):

@@ -15,14 +15,16 @@ import torch
 from dvclive import Live
 from torch import nn
 
+from stages.card import ModelCard, save_model
+from stages.clock import Stopwatch
 from stages.data import Data
-from stages.devices import (Precision, Ranks, Stopwatch, announce, hardware, pick_precision,
-                            start, stop)
-from stages.loop import (Checkpoint, Group, Training, final_levels, fit, loss_and_accuracy,
-                         predict_levels, training_loader)
-from stages.model import ModelCard, save_model
+from stages.devices import Precision, announce, hardware, pick_precision
+from stages.inference import loss_and_accuracy, predict_levels
+from stages.loop import Checkpoint, Training, final_levels, fit, training_loader
+from stages.optim import Group
 from stages.outputs import write_json
 from stages.params import TrainParams
+from stages.ranks import Ranks, start, stop
 
 
 def fingerprint(*parts: object) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from stages.data import load_data
-from stages.loop import scratch_groups
-from stages.model import fresh_model
 from stages.devices import memory_budget
+from stages.nets import fresh_model
+from stages.optim import scratch_groups
 from stages.outputs import stage_main
 from stages.params import load_params
 from stages.run import print_summary, stage_paths, train_and_save, training_env

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from stages.card import ModelCard
 from stages.datasets import DATASETS
 from stages.extract import extract
-from stages.model import ModelCard
 from stages.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, write_tarball

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import devices
-from stages.devices import Stopwatch, announce, hardware, pick_device, pick_precision
+from stages import clock, devices
+from stages.clock import Stopwatch
+from stages.devices import announce, hardware, pick_device, pick_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +84,8 @@ def test_the_real_cpu_flags_are_named_as_torch_detects_them() -> None:
 
 
 def test_stopwatch_counts_only_its_sections(monkeypatch) -> None:
-    clock = iter(range(0, 1000, 10))  # each reading of the host clock is 10 s later
-    monkeypatch.setattr(devices.time, "perf_counter", lambda: next(clock))
+    readings = iter(range(0, 1000, 10))  # each reading of the host clock is 10 s later
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: next(readings))
     watch = Stopwatch(CPU)   # started at 0
     with watch.section():    # 10 -> 20
         pass

@@ -28,7 +28,7 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
         for name in candidates:
             if name.startswith("stages."):
                 stage_imports(name, found)
-    if path == "stages/model.py":  # build_model imports the registered architectures' modules
+    if path == "stages/nets.py":  # build_model imports the registered architectures' modules
         for target in ARCHS.values():
             stage_imports(target.split(":")[0], found)
     return found

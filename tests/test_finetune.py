@@ -5,14 +5,16 @@ import pytest
 import torch
 import torchvision
 
+from stages.card import save_model
 from stages.data import BatchLoader
 from stages.devices import pick_precision
 from stages.finetune import init_arch, match_weights, read_state_dict
-from stages.loop import Training, param_groups
-from stages.model import build_model, save_model
+from stages.loop import Training
+from stages.nets import build_model
+from stages.optim import param_groups
 from stages.outputs import StageError
-from tests.test_loop import CPU, toy_data, train_params
 from tests.conftest import ROOT, model_card
+from tests.test_loop import CPU, toy_data, train_params
 
 
 def saved(tmp_path: Path, state: object, name: str = "init.pt") -> Path:

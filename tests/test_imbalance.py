@@ -11,8 +11,10 @@ import torch
 from stages.data import BatchLoader, class_balance
 from stages.datasets import DATASETS
 from stages.devices import pick_precision
-from stages.loop import Training, param_groups, predict_logits, training_loader
-from stages.model import build_model
+from stages.inference import predict_logits
+from stages.loop import Training, training_loader
+from stages.nets import build_model
+from stages.optim import param_groups
 from stages.outputs import StageError
 from stages.params import PreprocessParams
 from stages.preprocess import preprocess

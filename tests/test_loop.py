@@ -4,13 +4,15 @@ import math
 import pytest
 import torch
 
+from stages import clock, devices, loop
+from stages.card import load_weights
 from stages.data import BatchLoader
-from stages import devices, loop
 from stages.devices import pick_device, pick_precision
-from stages.loop import (TTA_WEIGHTS, Checkpoint, Training, WeightAverage, fit, freeze_leading,
-                         lr_factor, param_groups, predict_levels, predict_logits, rng_tensor,
-                         scratch_groups, tta_views, warm_up)
-from stages.model import AirbenchNet, build_model, load_weights
+from stages.inference import TTA_WEIGHTS, predict_levels, predict_logits, tta_views
+from stages.loop import Checkpoint, Training, fit, rng_tensor, warm_up
+from stages.nets import AirbenchNet, build_model
+from stages.optim import (Muon, WeightAverage, freeze_leading, lr_factor, orthogonalize,
+                          param_groups, scratch_groups)
 from stages.outputs import StageError
 from stages.params import load_params
 from tests.conftest import ROOT
@@ -335,7 +337,7 @@ def test_validation_runs_every_eval_every_epochs_and_after_the_last(tmp_path, ev
 
 def test_training_time_counts_the_final_validation_but_not_the_others(tmp_path, monkeypatch) -> None:
     now = [0.0]
-    monkeypatch.setattr(devices.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: now[0])
     real_predict = loop.predict_levels
     levels_asked = []
 
@@ -387,7 +389,7 @@ def test_orthogonalize_sets_every_singular_value_near_one(shape) -> None:
     k = min(shape)
     left, right = torch.linalg.qr(torch.randn(shape[0], k))[0], torch.linalg.qr(torch.randn(shape[1], k))[0]
     matrix = left @ torch.diag(torch.logspace(-1, 0, k)) @ right.T
-    singular = torch.linalg.svdvals(loop.orthogonalize(matrix))
+    singular = torch.linalg.svdvals(orthogonalize(matrix))
     assert singular.min() > 0.5 and singular.max() < 1.25
 
 
@@ -397,7 +399,7 @@ def test_muon_steps_filters_orthogonally_and_everything_else_as_sgd() -> None:
     torch.manual_seed(0)
     conv, bias = torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(8))
     twin = torch.nn.Parameter(bias.detach().clone())
-    muon = loop.Muon([{"params": [conv], "lr": 0.1, "weight_decay": 0.0, "orthogonal": True,
+    muon = Muon([{"params": [conv], "lr": 0.1, "weight_decay": 0.0, "orthogonal": True,
                        "momentum": 0.6},
                       {"params": [bias], "lr": 0.05, "weight_decay": 0.01}], momentum=0.85, nesterov=True)
     sgd = torch.optim.SGD([twin], lr=0.05, weight_decay=0.01, momentum=0.85, nesterov=True)
@@ -417,7 +419,7 @@ def test_muon_steps_filters_orthogonally_and_everything_else_as_sgd() -> None:
 def test_optimizer_muon_gives_the_conv_filters_their_own_group() -> None:
     params = train_params(optimizer="muon", muon_lr=0.2, muon_momentum=0.6)
     model = AirbenchNet(10, 3, 32, 32)
-    training = Training(model, loop.scratch_groups(model, params), params,
+    training = Training(model, scratch_groups(model, params), params,
                         BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
                                     drop_last=True, seed=0), CPU, pick_precision(CPU, False))
     filters = [g for g in training.groups if g.orthogonal]  # the default's frozen first block apart
@@ -476,7 +478,7 @@ def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
     params = train_params(arch="lenet", progressive_from=16)
     model = build_model("lenet", 2, (3, 32, 32))
     with pytest.raises(StageError, match="progressive_from: LeNet takes only its input size"):
-        Training(model, loop.scratch_groups(model, params), params,
+        Training(model, scratch_groups(model, params), params,
                  BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
                              drop_last=True, seed=0), CPU, pick_precision(CPU, False))
 

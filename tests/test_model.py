@@ -4,8 +4,10 @@ import pytest
 import torch
 import torchvision
 
-from stages.model import (ARCHS, AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3,
-                          build_model, init_whitening, load_trained, save_model)
+from stages.archs import ARCHS
+from stages.card import load_trained, save_model
+from stages.nets import (AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3, build_model,
+                         init_whitening)
 from stages.outputs import StageError
 from tests.conftest import model_card
 

@@ -116,8 +116,9 @@ OFF_IN_AIRBENCH94 = {"muon_lr", "muon_momentum", "progressive_until", "progressi
 def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drifts() -> None:
     """The time-to-accuracy baseline must stay airbench94 whatever the default becomes: its
     preset lists every recipe key (those read only under a setting it turns off excepted)."""
-    import yaml
     from dataclasses import fields
+
+    import yaml
 
     from stages.params import TrainParams
 
@@ -130,8 +131,9 @@ def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drift
 def test_the_muon_cut_preset_pins_every_key_it_reads_so_the_old_default_never_drifts() -> None:
     """presets/muon_cut.yaml is the default before #13's twelfth session: it lists every train
     key but those saying where and how a run happens, the Muon and cut knobs included."""
-    import yaml
     from dataclasses import fields
+
+    import yaml
 
     from stages.params import TrainParams
 

@@ -14,8 +14,9 @@ import yaml
 
 from stages.data import BatchLoader, Pack, PackedImages, StreamLoader, load_data, normalize
 from stages.devices import pick_precision
-from stages.loop import Training, param_groups, training_loader
-from stages.model import build_model
+from stages.loop import Training, training_loader
+from stages.nets import build_model
+from stages.optim import param_groups
 from tests.conftest import ROOT
 from tests.folder_format import write_folder
 from tests.test_loop import train_params

@@ -5,7 +5,7 @@ import torch
 
 from bench import flops, time_to_accuracy
 from bench.time_to_accuracy import Recipe, recipe_params, stage_params, table
-from stages.model import build_model
+from stages.nets import build_model
 from stages.params import Params, TrainParams, build
 
 
