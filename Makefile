@@ -56,7 +56,7 @@ bench: setup
 # lists them with measured results.
 tutorial-%: setup
 	mkdir -p .dvc/tmp && git show HEAD:params.yaml > .dvc/tmp/params-HEAD.yaml
-	$(PY) -m stages.params presets/$*.yaml .dvc/tmp/params-HEAD.yaml > .dvc/tmp/preset-$*.args
+	$(PY) -m stages.lib.params presets/$*.yaml .dvc/tmp/params-HEAD.yaml > .dvc/tmp/preset-$*.args
 	xargs -d '\n' -a .dvc/tmp/preset-$*.args dvc exp run -n $*
 
 # Offline: point params.yaml's download section at the copies in ../shared/data.

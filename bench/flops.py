@@ -16,13 +16,13 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.data import BatchLoader
-from stages.devices import keep_freed_memory, pick_precision
-from stages.inference import autocast
-from stages.loop import Training
-from stages.nets import build_model
-from stages.optim import scratch_groups
-from stages.params import Amp, TrainParams
+from stages.lib.data import BatchLoader, Sampling
+from stages.lib.devices import keep_freed_memory, pick_precision
+from stages.lib.inference import autocast
+from stages.lib.loop import Env, Training
+from stages.lib.nets import build_model
+from stages.lib.optim import scratch_groups
+from stages.lib.params import Amp, TrainParams
 
 CPU = torch.device("cpu")
 PEAK_SIDE = 4096  # large enough that the matmul runs at its best on every CPU kind measured
@@ -88,10 +88,10 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
     model = build_model(params.arch, classes, (3, side, side)).train()
     images = torch.zeros(1, 3, side, side).expand(examples, -1, -1, -1)  # no memory: shapes only
     loader = BatchLoader(images, torch.arange(examples) % classes, params.batch_size,
-                         crop_padding=0, flip=False, shuffle=False,
-                         drop_last=examples >= params.batch_size, seed=0)
-    training = Training(model, scratch_groups(model, params), params, loader, CPU,
-                        pick_precision(CPU, False))
+        Sampling(crop_padding=0, flip=False, shuffle=False,
+                 drop_last=examples >= params.batch_size, seed=0))
+    training = Training(model, scratch_groups(model, params), params, loader,
+                        Env(CPU, pick_precision(CPU, False)))
     per_image: dict[tuple, float] = {}
     total, steps_left = 0.0, training.total_steps
     for epoch in range(training.epochs):
@@ -111,7 +111,7 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
 
 def print_recipes(names: list[str], examples: int) -> None:
     from bench.time_to_accuracy import BASELINE, recipe_params  # it imports this module
-    from stages.params import Params, build
+    from stages.lib.params import Params, build
 
     totals = {name: recipe_flops(build(Params, recipe_params(name, {}), "").train, examples)
               for name in names}
@@ -125,8 +125,8 @@ def main() -> None:
     """The default's step at full and lower sizes, then each recipe's training FLOPs."""
     import argparse
 
-    from stages.devices import cpu_summary
-    from stages.params import load_params
+    from stages.lib.devices import cpu_summary
+    from stages.lib.params import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["airbench94", "default"],

@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 
 from bench.precision import Config, measure, report
-from stages.clock import Stopwatch
-from stages.data import BatchLoader, decode_split, load_data, normalize, to_device
-from stages.devices import memory_budget, pick_device, pick_precision
-from stages.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
-from stages.loop import Checkpoint, Training, fit, training_loader
-from stages.nets import fresh_model
-from stages.optim import scratch_groups
-from stages.params import TrainParams, build, read_yaml
+from stages.lib.clock import Stopwatch
+from stages.lib.data import BatchLoader, decode_split, load_data, normalize, to_device
+from stages.lib.devices import memory_budget, pick_device, pick_precision
+from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
+from stages.lib.loop import Checkpoint, Env, Training, fit, training_loader
+from stages.lib.nets import fresh_model
+from stages.lib.optim import scratch_groups
+from stages.lib.params import TrainParams, build, read_yaml
 
 SUBSET = 4096  # images for the quick checks (2-5)
 CLASSES = 10  # CIFAR-10's: the recipe being checked is CIFAR-10's
@@ -137,9 +137,9 @@ def new_training(params: TrainParams, images: torch.Tensor, labels: torch.Tensor
     torch.manual_seed(seed)
     with watch.section():
         model = fresh_model(params.arch, CLASSES, images)
-    return Training(model, scratch_groups(model, params), params,
-                    training_loader(params, images, labels, seed), device,
-                    pick_precision(device, params.amp), watch=watch)
+    loader = training_loader(params, images, labels, seed)
+    env = Env(device, pick_precision(device, params.amp), watch=watch)
+    return Training(model, scratch_groups(model, params), params, loader, env)
 
 
 def check_syncs(params: TrainParams, images: torch.Tensor, labels: torch.Tensor) -> bool:

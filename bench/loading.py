@@ -28,11 +28,11 @@ import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-from stages.data import (BatchLoader, Pack, PackedImages, StreamLoader, normalize, read_classes,
-                         read_normalization)
-from stages.datasets import DATASETS
-from stages.devices import cpu_summary
-from stages.params import PreprocessParams
+from stages.lib.data import (BatchLoader, Pack, PackedImages, Sampling, StreamLoader, normalize,
+                             read_classes, read_normalization)
+from stages.lib.datasets import DATASETS
+from stages.lib.devices import cpu_summary
+from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 
 BATCH = 256
@@ -69,11 +69,11 @@ def rates(folder: Path, images_dir: Path, workers: int) -> dict[str, float]:
     stats = read_normalization(images_dir)
     pack = Pack(images_dir, "train", len(read_classes(images_dir)))
     labels = torch.zeros(len(pack), dtype=torch.int64)
-    options = dict(crop_padding=PADDING, flip=True, shuffle=True, drop_last=True, seed=0)
+    sampling = Sampling(crop_padding=PADDING, flip=True, shuffle=True, drop_last=True, seed=0)
     held = normalize(torch.from_numpy(pack.read_all()), stats["mean"], stats["std"])
-    memory = BatchLoader(held, labels, BATCH, **options)
-    stream = StreamLoader(PackedImages(pack, stats, torch.device("cpu")), labels, BATCH,
-                          workers=workers, **options)
+    memory = BatchLoader(held, labels, BATCH, sampling)
+    stream = StreamLoader(PackedImages(pack, stats, torch.device("cpu")), labels, BATCH, sampling,
+                          workers=workers)
     side = pack.shape[-1]
     transform = T.Compose([T.RandomCrop(side, padding=PADDING, padding_mode="reflect"),
                            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(stats["mean"], stats["std"])])

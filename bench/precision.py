@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 import torch
 
-from stages.clock import Stopwatch
-from stages.devices import Precision, cpu_summary, device_name, pick_device, pick_precision
-from stages.inference import autocast
-from stages.nets import build_model
-from stages.optim import make_optimizer, scratch_groups
-from stages.params import TrainParams, load_params
+from stages.lib.clock import Stopwatch
+from stages.lib.devices import Precision, cpu_summary, device_name, pick_device, pick_precision
+from stages.lib.inference import autocast
+from stages.lib.nets import build_model
+from stages.lib.optim import make_optimizer, scratch_groups
+from stages.lib.params import TrainParams, load_params
 
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 GOAL = 1.10

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.devices import cpu_summary
+from stages.lib.devices import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = re.compile(r"Running stage '(\w+)'")

@@ -32,11 +32,11 @@ import torch
 import yaml
 
 from bench.flops import matmul_peak, recipe_flops, step_throughput
-from stages.card import load_trained
-from stages.data import decode_split, normalize, read_annotations, read_classes
-from stages.devices import cpu_summary, pick_precision
-from stages.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
-from stages.params import Params, build, read_yaml, with_preset
+from stages.lib.card import load_trained
+from stages.lib.data import decode_split, normalize, read_annotations, read_classes
+from stages.lib.devices import cpu_summary, pick_precision
+from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
+from stages.lib.params import Params, build, read_yaml, with_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "airbench94"  # presets/airbench94.yaml: the default until #13

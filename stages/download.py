@@ -7,7 +7,7 @@ into OUT_DIR/images, refusing links and special files) or a .tar, .tar.gz, .tgz 
 (a plain path, file:// or http(s) URL), fetched as below and checked against `download.md5`
 when one is given (its md5 is printed either way, to pin it).
 
-`download.dataset` names the data set (stages/datasets.py); `download.url` null means its
+`download.dataset` names the data set (stages/lib/datasets.py); `download.url` null means its
 official location, else a mirror: the tarball (CIFAR) or the folder holding the four .gz files
 (MNIST-style), as an http(s):// or file:// URL or a plain path. `download.md5` null means the
 official checksums; a mirror with other bytes gives its own (a {file: md5} mapping for IDX).
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.datasets import DATASETS
-from stages.outputs import StageError, atomic_dir, stage_main, storage_errors
-from stages.params import DownloadParams, load_params
+from stages.lib.datasets import DATASETS
+from stages.lib.outputs import StageError, atomic_dir, stage_main, storage_errors
+from stages.lib.params import DownloadParams, load_params
 
 CHUNK = 1 << 20
 BACKOFF_SECONDS = 1.0  # first wait between attempts; doubles each time, at most 30 s

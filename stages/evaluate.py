@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from stages.card import load_trained
-from stages.data import Images, Pack, PackedImages, read_classes
-from stages.devices import announce, hardware, pick_device, pick_precision
-from stages.folder import CLASSES_FILE
-from stages.inference import loss_and_accuracy, predict_levels
-from stages.outputs import StageError, atomic_dir, stage_main, write_json
-from stages.params import TTA_LEVELS, EvaluateParams, load_params
+from stages.lib.card import load_trained
+from stages.lib.data import Images, Pack, PackedImages, read_classes
+from stages.lib.devices import announce, hardware, pick_device, pick_precision
+from stages.lib.folder import CLASSES_FILE
+from stages.lib.inference import loss_and_accuracy, predict_levels
+from stages.lib.outputs import StageError, atomic_dir, stage_main, write_json
+from stages.lib.params import TTA_LEVELS, EvaluateParams, load_params
 
 CELL_SIDE = 96  # pixels a small test image is enlarged to in the grid
 LABEL_HEIGHT = 14

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.card import load_trained, model_dir_of
-from stages.outputs import atomic_dir, stage_main
+from stages.lib.card import load_trained, model_dir_of
+from stages.lib.outputs import atomic_dir, stage_main
 
 
 class Normalized(nn.Module):

@@ -27,9 +27,9 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from stages.datasets import DATASETS, Dataset, read_idx_header
-from stages.outputs import StageError, atomic_dir, stage_main
-from stages.params import load_params
+from stages.lib.datasets import DATASETS, Dataset, read_idx_header
+from stages.lib.outputs import StageError, atomic_dir, stage_main
+from stages.lib.params import load_params
 
 MAX_MEMBER_BYTES = 400 << 20  # CIFAR-100's train is 155 MB; refuse anything absurd before reading
 CHUNK = 1 << 20

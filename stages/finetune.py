@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from stages.card import ModelCard, load_weights
-from stages.data import load_data
-from stages.devices import memory_budget
-from stages.nets import Architecture, build_model
-from stages.optim import param_groups
-from stages.outputs import StageError, stage_main
-from stages.params import Params, TrainParams, load_params
-from stages.run import print_summary, stage_paths, train_and_save, training_env
+from stages.lib.card import ModelCard, load_weights
+from stages.lib.data import load_data
+from stages.lib.devices import memory_budget
+from stages.lib.nets import Architecture, build_model
+from stages.lib.optim import Rates, param_groups
+from stages.lib.outputs import StageError, stage_main
+from stages.lib.params import Params, TrainParams, load_params
+from stages.lib.run import print_summary, stage_paths, train_and_save, training_env
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 
@@ -127,8 +127,9 @@ def main() -> None:
             print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
                   f"{report['reinitialised']}, skipped {report['skipped']}")
         model = model.to(env.device, memory_format=torch.channels_last)
-        groups = param_groups(model, tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
-                              freeze_epochs=tune.freeze_epochs, whiten_bias_epochs=0)
+        rates = Rates(tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
+                      freeze_epochs=tune.freeze_epochs)
+        groups = param_groups(model, rates)
         recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
                     "freeze_epochs": tune.freeze_epochs}
         counts = {f"init_keys_{k}": len(v) for k, v in report.items()}

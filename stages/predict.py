@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.card import load_trained, model_dir_of
-from stages.data import image_array, load_image, normalize
-from stages.devices import announce, pick_device, pick_precision
-from stages.inference import predict_logits
-from stages.outputs import StageError, stage_main
+from stages.lib.card import load_trained, model_dir_of
+from stages.lib.data import image_array, load_image, normalize
+from stages.lib.devices import announce, pick_device, pick_precision
+from stages.lib.inference import predict_logits
+from stages.lib.outputs import StageError, stage_main
 
 PREDICT_BATCH = 256  # images per forward pass
 

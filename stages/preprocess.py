@@ -5,7 +5,7 @@ usage: python -m stages.preprocess SOURCE_DIR OUT_DIR [PACKED_DIR]
 Writes OUT_DIR/{train,val,test}/<class>/<index>.png (RGB, or 1-channel for grayscale data),
 OUT_DIR/{train,val,test}.csv, each split packed with its labels into PACKED_DIR (default:
 OUT_DIR), and classes.json and normalization.json (one value per channel) into both, as
-stages/folder.py lays the folders out. Every
+stages/lib/folder.py lays the folders out. Every
 image is decoded once: `preprocess.channels` and `preprocess.size` fit it (a person's folder of
 mixed sizes needs a size), and a source without a test split gets one carved
 (`preprocess.test_fraction`). The source files are untrusted. CIFAR pickles are read
@@ -33,12 +33,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.datasets import DATASETS, IDX_FILES, Dataset, read_idx_header
-from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
-                           labels_path, open_image, pack_path)
-from stages.imagefolder import list_folder
-from stages.outputs import StageError, atomic_dir, stage_main
-from stages.params import PreprocessParams, load_params
+from stages.lib.datasets import DATASETS, IDX_FILES, Dataset, read_idx_header
+from stages.lib.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
+                               labels_path, open_image, pack_path)
+from stages.lib.imagefolder import list_folder
+from stages.lib.outputs import StageError, atomic_dir, stage_main
+from stages.lib.params import PreprocessParams, load_params
 
 CIFAR_SHAPE = (3, 32, 32)  # a row holds the R plane, then G, then B, each 32x32 row-major
 ROW_BYTES = math.prod(CIFAR_SHAPE)
@@ -188,7 +188,7 @@ def read_source(folder: Path, dataset: Dataset) -> Source:
 
 
 def read_folder(folder: Path) -> Source:
-    """A person's folder (stages/imagefolder.py): its image files and their labels."""
+    """A person's folder (stages/lib/imagefolder.py): its image files and their labels."""
     listing = list_folder(folder)
     if listing.skipped:
         shown = ", ".join(str(p.relative_to(folder)) for p in listing.skipped[:5])

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from stages.data import load_data
-from stages.devices import memory_budget
-from stages.nets import fresh_model
-from stages.optim import scratch_groups
-from stages.outputs import stage_main
-from stages.params import load_params
-from stages.run import print_summary, stage_paths, train_and_save, training_env
+from stages.lib.data import load_data
+from stages.lib.devices import memory_budget
+from stages.lib.nets import fresh_model
+from stages.lib.optim import scratch_groups
+from stages.lib.outputs import stage_main
+from stages.lib.params import load_params
+from stages.lib.run import print_summary, stage_paths, train_and_save, training_env
 
 
 @stage_main

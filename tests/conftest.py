@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.card import ModelCard
-from stages.datasets import DATASETS
 from stages.extract import extract
-from stages.params import PreprocessParams
+from stages.lib.card import ModelCard
+from stages.lib.datasets import DATASETS
+from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, write_tarball
 

@@ -1,5 +1,5 @@
 """Writes a CSV-annotated image folder directly, as a user's own data would be: any channel
-count, size and number of classes, laid out as stages/folder.py says."""
+count, size and number of classes, laid out as stages/lib/folder.py says."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE, labels_path, pack_path
+from stages.lib.folder import CLASSES_FILE, CSV_HEADER, NORMALIZATION_FILE, labels_path, pack_path
 
 
 def write_folder(root: Path, channels: int, size: int, num_classes: int,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.datasets import IDX_FILES
+from stages.lib.datasets import IDX_FILES
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

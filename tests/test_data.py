@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import data
-from stages.data import CsvImageDataset, decode_split
-from stages.outputs import StageError
+from stages.lib import data
+from stages.lib.data import CsvImageDataset, decode_split
+from stages.lib.outputs import StageError
 
 
 def test_csv_dataset_yields_images_and_labels(image_folder: Path) -> None:

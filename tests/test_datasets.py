@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import stages.datasets
-from stages.datasets import DATASETS, IDX_FILES
+import stages.lib.datasets
 from stages.download import download
 from stages.extract import extract
-from stages.outputs import StageError
-from stages.params import DownloadParams, PreprocessParams
+from stages.lib.datasets import DATASETS, IDX_FILES
+from stages.lib.outputs import StageError
+from stages.lib.params import DownloadParams, PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import CIFAR100_FINE, cifar100_members, dumps_py2, write_tarball
 from tests.folder_format import write_folder
@@ -156,7 +156,7 @@ def test_a_cifar10_tarball_is_not_taken_for_cifar100(tarball, tmp_path: Path) ->
 
 
 def test_the_idx_size_cap_is_what_refuses_absurd_headers(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(stages.datasets, "MAX_IDX_BYTES", 1000)
+    monkeypatch.setattr(stages.lib.datasets, "MAX_IDX_BYTES", 1000)
     raw, out = corrupted(tmp_path, IDX_FILES[1], TRAIN_LABELS)
     with pytest.raises(StageError, match="more than 1000"):
         extract(raw, out, DATASETS["mnist"])
@@ -201,7 +201,7 @@ def test_any_folder_trains_evaluates_exports_and_predicts(folders: dict[str, Pat
     assumes CIFAR-10's 3 x 32 x 32 and 10 classes. The imbalance options are recorded."""
     from stages.evaluate import evaluate
     from stages.export import export
-    from stages.params import EvaluateParams
+    from stages.lib.params import EvaluateParams
     from stages.predict import top_k
     from tests.test_train import stage_dir, train
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import clock, devices
-from stages.clock import Stopwatch
-from stages.devices import announce, hardware, pick_device, pick_precision
+from stages.lib import clock, devices
+from stages.lib.clock import Stopwatch
+from stages.lib.devices import announce, hardware, pick_device, pick_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_stopwatch_counts_only_its_sections(monkeypatch) -> None:
 # fewest faults of a few steps: between them Python's small objects may take the freed space).
 REALLOCATE = """
 import resource, sys, torch
-from stages.devices import pick_device
+from stages.lib.devices import pick_device
 if sys.argv[1] == "cpu":
     pick_device("cpu")
 faults = []

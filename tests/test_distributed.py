@@ -55,7 +55,7 @@ def test_two_ranks_match_one_process_without_batchnorm(tmp_path: Path, image_fol
 
 
 def test_two_ranks_with_per_rank_batchnorm_stay_close(tmp_path: Path, image_folder: Path) -> None:
-    # airbench's BatchNorm normalizes each rank's half-batch on its own (see stages/devices.py):
+    # airbench's BatchNorm normalizes each rank's half-batch on its own (see stages/lib/devices.py):
     # not bit-equal to one process, but the same training within a stated tolerance.
     cwd = stage_dir(tmp_path, image_folder, lr=0.2, ema_every=0, amp=False, epochs=3.0)
     single = train(cwd, "single", 1)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from stages.download import download
-from stages.outputs import StageError
-from stages.params import DownloadParams
+from stages.lib.outputs import StageError
+from stages.lib.params import DownloadParams
 
 TARBALL = "cifar-10-python.tar.gz"  # the name download gives CIFAR-10's file
 

@@ -7,7 +7,7 @@ import ast
 
 import yaml
 
-from stages.archs import ARCHS
+from stages.lib.archs import ARCHS
 from tests.conftest import ROOT
 
 
@@ -28,7 +28,7 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
         for name in candidates:
             if name.startswith("stages."):
                 stage_imports(name, found)
-    if path == "stages/nets.py":  # build_model imports the registered architectures' modules
+    if path == "stages/lib/nets.py":  # build_model imports the registered architectures' modules
         for target in ARCHS.values():
             stage_imports(target.split(":")[0], found)
     return found
@@ -43,10 +43,10 @@ def test_every_stage_depends_on_exactly_the_modules_it_imports() -> None:
 
 
 def test_the_import_walk_follows_imports_through_modules() -> None:
-    assert stage_imports("stages.train") >= {"stages/train.py", "stages/run.py", "stages/loop.py",
-                                             "stages/devices.py", "stages/outputs.py"}
-    assert stage_imports("stages.extract") == {"stages/extract.py", "stages/datasets.py",
-                                               "stages/outputs.py", "stages/params.py",
-                                               "stages/archs.py"}
+    assert stage_imports("stages.train") >= {"stages/train.py", "stages/lib/run.py", "stages/lib/loop.py",
+                                             "stages/lib/devices.py", "stages/lib/outputs.py"}
+    assert stage_imports("stages.extract") == {"stages/extract.py", "stages/lib/datasets.py",
+                                               "stages/lib/outputs.py", "stages/lib/params.py",
+                                               "stages/lib/archs.py"}
     # the ResNets' module, which the architecture registry names as a string
-    assert "stages/resnets.py" in stage_imports("stages.train")
+    assert "stages/lib/resnets.py" in stage_imports("stages.train")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.card import save_model
 from stages.evaluate import confusion_matrix, evaluate, macro_f1
-from stages.nets import build_model
-from stages.params import EvaluateParams
+from stages.lib.card import save_model
+from stages.lib.nets import build_model
+from stages.lib.params import EvaluateParams
 from tests.cifar_format import CLASSES
 from tests.conftest import model_card
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.datasets import DATASETS
 from stages.extract import extract
-from stages.outputs import StageError
+from stages.lib.datasets import DATASETS
+from stages.lib.outputs import StageError
 from tests.cifar_format import batch_members, write_tarball
 
 CIFAR10 = DATASETS["cifar10"]

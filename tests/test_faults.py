@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import stages.extract
-from stages.datasets import DATASETS
 from stages.extract import extract
-from stages.loop import Checkpoint, fit
-from stages.outputs import StageError
-from stages.params import PreprocessParams
+from stages.lib.datasets import DATASETS
+from stages.lib.loop import Checkpoint, fit
+from stages.lib.outputs import StageError
+from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, dumps_py2, unpickle_trusted, write_tarball
 from tests.conftest import ROOT

@@ -5,14 +5,14 @@ import pytest
 import torch
 import torchvision
 
-from stages.card import save_model
-from stages.data import BatchLoader
-from stages.devices import pick_precision
 from stages.finetune import init_arch, match_weights, read_state_dict
-from stages.loop import Training
-from stages.nets import build_model
-from stages.optim import param_groups
-from stages.outputs import StageError
+from stages.lib.card import save_model
+from stages.lib.data import BatchLoader, Sampling
+from stages.lib.devices import pick_precision
+from stages.lib.loop import Env, Training
+from stages.lib.nets import build_model
+from stages.lib.optim import Rates, param_groups
+from stages.lib.outputs import StageError
 from tests.conftest import ROOT, model_card
 from tests.test_loop import CPU, toy_data, train_params
 
@@ -46,7 +46,7 @@ def test_torchvision_imagenet_resnet18_swaps_head_and_stem(tmp_path: Path) -> No
 
 def test_the_photos_preset_loads_torchvision_resnet18_whole_but_its_head(tmp_path: Path) -> None:
     """presets/photos_resnet18.yaml's arch takes torchvision's ImageNet file stem and all."""
-    from stages.params import with_preset
+    from stages.lib.params import with_preset
 
     preset = with_preset(ROOT / "presets" / "photos_resnet18.yaml", ROOT / "params.yaml")
     arch, size = preset["finetune"]["arch"], preset["preprocess"]["size"]
@@ -124,9 +124,10 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
     backbone = {k: v.clone() for k, v in model.named_parameters() if not k.startswith("fc3.")}
     head = model.fc3.weight.clone()
     images, labels = toy_data()
-    loader = BatchLoader(images, labels, 50, crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)
-    groups = param_groups(model, 0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0)
-    training = Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+    loader = BatchLoader(images, labels, 50,
+        Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0))
+    groups = param_groups(model, Rates(0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0))
+    training = Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
     training.run_epoch()
     assert all(torch.equal(p, backbone[k]) for k, p in model.named_parameters() if k in backbone)
     assert not torch.equal(model.fc3.weight, head)
@@ -156,7 +157,7 @@ def test_finetune_runs_trains_loop_at_full_size_with_its_own_rates() -> None:
     import dataclasses as dc
 
     from stages.finetune import loop_params
-    from stages.params import load_params
+    from stages.lib.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     assert params.train.progressive_from > 0  # the default trains from scratch progressively

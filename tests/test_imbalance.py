@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.data import BatchLoader, class_balance
-from stages.datasets import DATASETS
-from stages.devices import pick_precision
-from stages.inference import predict_logits
-from stages.loop import Training, training_loader
-from stages.nets import build_model
-from stages.optim import param_groups
-from stages.outputs import StageError
-from stages.params import PreprocessParams
+from stages.lib.data import BatchLoader, Sampling, class_balance
+from stages.lib.datasets import DATASETS
+from stages.lib.devices import pick_precision
+from stages.lib.inference import predict_logits
+from stages.lib.loop import Env, Training, training_loader
+from stages.lib.nets import build_model
+from stages.lib.optim import Rates, param_groups
+from stages.lib.outputs import StageError
+from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import CLASSES
 from tests.test_loop import CPU, train_params
@@ -39,9 +39,9 @@ def minority_recall(**changes) -> float:
     torch.manual_seed(0)
     images, labels = blobs((MAJORITY, MINORITY), seed=0)
     model = build_model("mnist_mlp", 2, (1, 4, 4))
-    training = Training(model, param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0), params,
-                        training_loader(params, images, labels, seed=0), CPU,
-                        pick_precision(CPU, False))
+    groups = param_groups(model, Rates(params.lr, params.lr, 0.0, 1.0))
+    loader = training_loader(params, images, labels, seed=0)
+    training = Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, False)))
     for _ in range(training.epochs):
         training.run_epoch()
         training.epoch += 1
@@ -64,8 +64,8 @@ def test_balanced_weights_and_draws_follow_the_class_counts() -> None:
     labels = torch.tensor([0] * 90 + [1] * 10)
     assert class_balance(labels).tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
     assert class_balance(torch.tensor([0, 1, 2, 0, 1, 2])).tolist() == [1.0, 1.0, 1.0]
-    loader = BatchLoader(torch.zeros(100, 1, 2, 2), labels, 50, crop_padding=0, flip=False,
-                         shuffle=True, drop_last=True, seed=0, balanced=True)
+    loader = BatchLoader(torch.zeros(100, 1, 2, 2), labels, 50,
+        Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0, balanced=True))
     drawn = torch.cat([y for _ in range(20) for _, y in loader])
     assert len(drawn) == 2000 and abs((drawn == 1).float().mean().item() - 0.5) < 0.05
 

@@ -4,17 +4,17 @@ import math
 import pytest
 import torch
 
-from stages import clock, devices, loop
-from stages.card import load_weights
-from stages.data import BatchLoader
-from stages.devices import pick_device, pick_precision
-from stages.inference import TTA_WEIGHTS, predict_levels, predict_logits, tta_views
-from stages.loop import Checkpoint, Training, fit, rng_tensor, warm_up
-from stages.nets import AirbenchNet, build_model
-from stages.optim import (Muon, WeightAverage, freeze_leading, lr_factor, orthogonalize,
-                          param_groups, scratch_groups)
-from stages.outputs import StageError
-from stages.params import load_params
+from stages.lib import clock, devices, loop
+from stages.lib.card import load_weights
+from stages.lib.data import BatchLoader, Sampling
+from stages.lib.devices import pick_device, pick_precision
+from stages.lib.inference import TTA_WEIGHTS, predict_levels, predict_logits, tta_views
+from stages.lib.loop import Checkpoint, Env, Training, fit, rng_tensor, warm_up
+from stages.lib.nets import AirbenchNet, build_model
+from stages.lib.optim import (Muon, Rates, WeightAverage, freeze_leading, lr_factor, orthogonalize,
+                              param_groups, scratch_groups)
+from stages.lib.outputs import StageError
+from stages.lib.params import load_params
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -35,8 +35,8 @@ def test_explicit_absent_device_is_an_error_not_a_fallback() -> None:
 def test_loader_crops_are_exact_windows_of_the_padded_images_at_varied_offsets() -> None:
     n = 40
     images = torch.arange(n * 2 * 8 * 8, dtype=torch.float32).view(n, 2, 8, 8)
-    loader = BatchLoader(images, torch.arange(n), 16, crop_padding=2, flip=False, shuffle=True,
-                         drop_last=False, seed=0)
+    loader = BatchLoader(images, torch.arange(n), 16,
+        Sampling(crop_padding=2, flip=False, shuffle=True, drop_last=False, seed=0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     offsets = set()
     for batch, labels in loader:
@@ -54,8 +54,8 @@ def test_loader_yields_every_image_once_per_epoch_with_alternating_flips() -> No
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) * torch.ones(n, 1, 2, 3)
     images[:, :, :, 0] = -1  # a marker column shows whether an image is mirrored
     labels = torch.arange(n)
-    loader = BatchLoader(images, labels, 4, crop_padding=0, flip=True, shuffle=True,
-                         drop_last=False, seed=0)
+    loader = BatchLoader(images, labels, 4,
+        Sampling(crop_padding=0, flip=True, shuffle=True, drop_last=False, seed=0))
     first, second = [list(loader) for _ in range(2)]
     for epoch in (first, second):
         seen = torch.cat([y for _, y in epoch])
@@ -78,8 +78,8 @@ def test_lr_schedules_start_peak_and_end_where_stated() -> None:
 
 def test_param_groups_give_frozen_scale_norm_biases_the_higher_lr() -> None:
     model = AirbenchNet(10, 3, 32, 32)
-    groups = {g.name: g for g in param_groups(model, 0.1, 0.5, 0.01, 64.0,
-                                               freeze_epochs=1, whiten_bias_epochs=3)}
+    rates = Rates(0.1, 0.5, 0.01, 64.0, freeze_epochs=1, whiten_bias_epochs=3)
+    groups = {g.name: g for g in param_groups(model, rates)}
     assert groups["head"].lr == 0.5 and groups["head"].trains_in(0)
     assert groups["norm_bias"].lr == pytest.approx(6.4)
     assert groups["norm_bias"].lr * groups["norm_bias"].weight_decay == pytest.approx(0.1 * 0.01)
@@ -139,10 +139,10 @@ def make_training(seed: int = 0, **changes) -> Training:
     torch.manual_seed(seed)
     model = build_model("lenet", 2, (3, 32, 32))
     images, labels = toy_data()
-    loader = BatchLoader(images, labels, params.batch_size, crop_padding=2, flip=True, shuffle=True,
-                         drop_last=True, seed=seed)
-    groups = param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0)
-    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+    loader = BatchLoader(images, labels, params.batch_size,
+        Sampling(crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=seed))
+    groups = param_groups(model, Rates(params.lr, params.lr, 0.0, 1.0))
+    return Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
 
 
 def test_training_learns_a_separable_toy_task() -> None:
@@ -174,11 +174,11 @@ def airbench_training(scratch: bool = False, **changes) -> Training:
     torch.manual_seed(0)
     images, labels = toy_data(16)
     model = AirbenchNet(2, 3, 32, 32).to(memory_format=torch.channels_last)
-    loader = BatchLoader(images, labels, 8, crop_padding=2, flip=True, shuffle=True,
-                         drop_last=True, seed=0)
-    groups = scratch_groups(model, params) if scratch else param_groups(
-        model, 0.1, 0.1, 0.0, 64.0, freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs)
-    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+    loader = BatchLoader(images, labels, 8,
+        Sampling(crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=0))
+    rates = Rates(0.1, 0.1, 0.0, 64.0, whiten_bias_epochs=params.whiten_bias_epochs)
+    groups = scratch_groups(model, params) if scratch else param_groups(model, rates)
+    return Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
 
 
 @pytest.mark.slow
@@ -269,14 +269,14 @@ def test_freezing_trains_exactly_as_with_the_gradients_computed() -> None:
 
 def test_freezing_more_blocks_than_the_network_has_is_refused() -> None:
     model = AirbenchNet(2, 3, 32, 32)
-    groups = param_groups(model, 0.1, 0.1, 0.0, 64.0, 0, 0)
+    groups = param_groups(model, Rates(0.1, 0.1, 0.0, 64.0))
     with pytest.raises(StageError, match=r"train.freeze_blocks: AirbenchNet has 3 blocks to freeze "
                                          r"\(groups.0., groups.1., groups.2.\), not 4"):
         freeze_leading(groups, model, 4, 2)
     mlp = build_model("mlp", 2, (1, 8, 8))
     with pytest.raises(StageError, match=r"QuickstartMLP has 0 blocks to freeze \(none\), not 1; "
                                          r"lower it, or set train.freeze_from to 0"):
-        freeze_leading(param_groups(mlp, 0.1, 0.1, 0.0, 1.0, 0, 0), mlp, 1, 2)
+        freeze_leading(param_groups(mlp, Rates(0.1, 0.1, 0.0, 1.0)), mlp, 1, 2)
 
 
 def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
@@ -372,8 +372,8 @@ def test_checkpoint_rng_states_never_become_device_tensors(tmp_path) -> None:
 def test_fp16_trains_with_a_loss_scaler_and_resumes_it(tmp_path) -> None:
     # fp16 is MPS's autocast type; the CPU runs the same code path here
     training = make_training()
-    training = Training(training.model, training.groups, training.params, training.loader, CPU,
-                        devices.Precision(torch.float16, "test"))
+    training = Training(training.model, training.groups, training.params, training.loader,
+                        Env(CPU, devices.Precision(torch.float16, "test")))
     assert training.scaler.is_enabled() and not make_training().scaler.is_enabled()
     fit(training, None, Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
     assert all(math.isfinite(row["train/loss"]) for row in training.history)
@@ -419,16 +419,16 @@ def test_muon_steps_filters_orthogonally_and_everything_else_as_sgd() -> None:
 def test_optimizer_muon_gives_the_conv_filters_their_own_group() -> None:
     params = train_params(optimizer="muon", muon_lr=0.2, muon_momentum=0.6)
     model = AirbenchNet(10, 3, 32, 32)
-    training = Training(model, scratch_groups(model, params), params,
-                        BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
-                                    drop_last=True, seed=0), CPU, pick_precision(CPU, False))
+    training = Training(model, scratch_groups(model, params), params, BatchLoader(*toy_data(16), 8,
+                            Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True,
+                                     seed=0)), Env(CPU, pick_precision(CPU, False)))
     filters = [g for g in training.groups if g.orthogonal]  # the default's frozen first block apart
     assert {id(p) for g in filters for p in g.params} == {id(p) for p in model.parameters()
                                                          if p.ndim == 4 and p.requires_grad}
     for group in filters:
         spec = training.optimizer.param_groups[training.groups.index(group)]
         assert (spec["lr"], spec["momentum"], spec["weight_decay"]) == (0.2, 0.6, 0.0)
-    assert all(not g.orthogonal for g in param_groups(model, 1.0, 1.0, 0.0, 1.0, 0, 0))  # finetune: SGD
+    assert all(not g.orthogonal for g in param_groups(model, Rates(1.0, 1.0, 0.0, 1.0)))  # finetune: SGD
 
 
 def test_progressive_resizing_grows_the_images_to_full_size_and_trains_on_them() -> None:
@@ -478,9 +478,8 @@ def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
     params = train_params(arch="lenet", progressive_from=16)
     model = build_model("lenet", 2, (3, 32, 32))
     with pytest.raises(StageError, match="progressive_from: LeNet takes only its input size"):
-        Training(model, scratch_groups(model, params), params,
-                 BatchLoader(*toy_data(16), 8, crop_padding=0, flip=False, shuffle=True,
-                             drop_last=True, seed=0), CPU, pick_precision(CPU, False))
+        Training(model, scratch_groups(model, params), params, BatchLoader(*toy_data(16), 8,
+                     Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)), Env(CPU, pick_precision(CPU, False)))
 
 
 def test_selection_trains_on_the_highest_loss_examples_from_select_from_on() -> None:

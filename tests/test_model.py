@@ -4,11 +4,11 @@ import pytest
 import torch
 import torchvision
 
-from stages.archs import ARCHS
-from stages.card import load_trained, save_model
-from stages.nets import (AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3, build_model,
-                         init_whitening)
-from stages.outputs import StageError
+from stages.lib.archs import ARCHS
+from stages.lib.card import load_trained, save_model
+from stages.lib.nets import (AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3,
+                             build_model, init_whitening)
+from stages.lib.outputs import StageError
 from tests.conftest import model_card
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.data import CsvImageDataset, Pack
-from stages.datasets import DATASETS
 from stages.download import copy_folder, download
 from stages.extract import extract_archive
-from stages.outputs import StageError
-from stages.params import DownloadParams, PreprocessParams
+from stages.lib.data import CsvImageDataset, Pack
+from stages.lib.datasets import DATASETS
+from stages.lib.outputs import StageError
+from stages.lib.params import DownloadParams, PreprocessParams
 from stages.preprocess import preprocess
 from tests.folder_format import CLASSES, png_bomb, write_photos
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params
+from stages.lib.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_unreadable_params_file_is_named(tmp_path: Path) -> None:
 
 
 def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp_path: Path) -> None:
-    from stages.params import preset_overrides
+    from stages.lib.params import preset_overrides
 
     base = ROOT / "params.yaml"
     workspace = write_params(tmp_path, lambda p: p["train"].update(batch_size=32, arch="lenet"))
@@ -120,7 +120,7 @@ def test_the_airbench94_preset_pins_every_recipe_key_so_the_baseline_never_drift
 
     import yaml
 
-    from stages.params import TrainParams
+    from stages.lib.params import TrainParams
 
     preset = yaml.safe_load((ROOT / "presets" / "airbench94.yaml").read_text())
     assert set(preset) == {"train"}
@@ -135,7 +135,7 @@ def test_the_muon_cut_preset_pins_every_key_it_reads_so_the_old_default_never_dr
 
     import yaml
 
-    from stages.params import TrainParams
+    from stages.lib.params import TrainParams
 
     preset = yaml.safe_load((ROOT / "presets" / "muon_cut.yaml").read_text())["train"]
     assert set(preset) == {f.name for f in fields(TrainParams)} - RUN_KEYS

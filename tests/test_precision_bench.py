@@ -2,7 +2,7 @@
 import torch
 
 from bench.precision import Config, report
-from stages.devices import Precision
+from stages.lib.devices import Precision
 
 
 def test_report_gives_the_chosen_configurations_ratio_to_the_fastest() -> None:

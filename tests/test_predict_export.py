@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stages.card import save_model
 from stages.export import export
-from stages.nets import build_model
+from stages.lib.card import save_model
+from stages.lib.nets import build_model
 from stages.predict import top_k
 from tests.cifar_format import CLASSES
 from tests.conftest import model_card
@@ -49,7 +49,7 @@ def test_exported_program_equals_the_eager_model_without_project_code(tmp_path: 
     model_dir = saved_model(tmp_path)
     export(model_dir, tmp_path / "export")
     images = torch.rand(5, 3, 32, 32)
-    from stages.card import load_trained
+    from stages.lib.card import load_trained
     eager, _ = load_trained(model_dir)
     mean, std = torch.tensor(STATS["mean"]).view(1, 3, 1, 1), torch.tensor(STATS["std"]).view(1, 3, 1, 1)
     with torch.no_grad():

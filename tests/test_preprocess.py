@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.datasets import DATASETS
-from stages.outputs import StageError
-from stages.params import PreprocessParams
+from stages.lib.datasets import DATASETS
+from stages.lib.outputs import StageError
+from stages.lib.params import PreprocessParams
 from stages.preprocess import load_pickle, preprocess, stratified_val
 from tests.cifar_format import CLASSES, batch_members, dumps_py2, unpickle_trusted
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
-from stages.data import BatchLoader, Pack, PackedImages, StreamLoader, load_data, normalize
-from stages.devices import pick_precision
-from stages.loop import Training, training_loader
-from stages.nets import build_model
-from stages.optim import param_groups
+from stages.lib.data import (BatchLoader, Pack, PackedImages, Sampling, StreamLoader, load_data,
+                             normalize)
+from stages.lib.devices import pick_precision
+from stages.lib.loop import Env, Training, training_loader
+from stages.lib.nets import build_model
+from stages.lib.optim import Rates, param_groups
 from tests.conftest import ROOT
 from tests.folder_format import write_folder
 from tests.test_loop import train_params
@@ -36,9 +37,9 @@ def packed(tmp_path: Path, n: int = 50, size: tuple[int, int] = (12, 16)) -> tup
 def test_streamed_batches_equal_the_in_memory_ones_epoch_after_epoch(tmp_path: Path, shard) -> None:
     images, pack = packed(tmp_path)
     labels = torch.arange(50) % 5
-    options = dict(crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=7, shard=shard)
-    memory = BatchLoader(images, labels, 8, **options)
-    stream = StreamLoader(PackedImages(pack, STATS, CPU), labels, 8, workers=2, **options)
+    sampling = Sampling(crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=7, shard=shard)
+    memory = BatchLoader(images, labels, 8, sampling)
+    stream = StreamLoader(PackedImages(pack, STATS, CPU), labels, 8, sampling, workers=2)
     for epoch in range(3):  # epoch 1 is mirrored; epoch 2 draws from a selected subset
         if epoch == 2:
             memory.subset = stream.subset = torch.arange(0, 50, 3)
@@ -116,8 +117,8 @@ def toy_training(images: torch.Tensor | PackedImages, labels: torch.Tensor) -> T
     torch.manual_seed(0)
     model = build_model("lenet", 5, tuple(images.shape[1:]))
     loader = training_loader(params, images, labels, seed=0)
-    groups = param_groups(model, params.lr, params.lr, 0.0, 1.0, 0, 0)
-    return Training(model, groups, params, loader, CPU, pick_precision(CPU, params.amp))
+    groups = param_groups(model, Rates(params.lr, params.lr, 0.0, 1.0))
+    return Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
 
 
 def run_epochs(training: Training, count: int) -> None:

@@ -5,8 +5,8 @@ import torch
 
 from bench import flops, time_to_accuracy
 from bench.time_to_accuracy import Recipe, recipe_params, stage_params, table
-from stages.nets import build_model
-from stages.params import Params, TrainParams, build
+from stages.lib.nets import build_model
+from stages.lib.params import Params, TrainParams, build
 
 
 def test_a_step_counts_forward_and_weight_gradient_matmuls() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from stages.devices import cpu_flags, cpu_model, pick_precision
-from stages.loop import Checkpoint, fit
+from stages.lib.devices import cpu_flags, cpu_model, pick_precision
+from stages.lib.loop import Checkpoint, fit
 from tests.conftest import ROOT
 from tests.test_loop import make_training, toy_data
 

@@ -24,7 +24,7 @@ import importlib
 import torch
 from torch import nn
 
-from stages.archs import ARCHS
+from stages.lib.archs import ARCHS
 
 # airbench fits its whitening to 5,000 CIFAR images' 2x2 patches (31 x 31 each): enough for a
 # stable covariance. Larger images give more patches each, so fewer of them are read: the

@@ -1,4 +1,4 @@
-"""torchvision's ResNet-18 as two architectures (stages/archs.py names them): with a CIFAR
+"""torchvision's ResNet-18 as two architectures (stages/lib/archs.py names them): with a CIFAR
 stem, and as it is for photos and ImageNet weights. Their own module because torchvision
 takes a second to import, which the other architectures' stages need not pay."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-from stages.nets import Architecture, as_conv3x3
+from stages.lib.nets import Architecture, as_conv3x3
 
 
 class ResNet18(torchvision.models.ResNet, Architecture):

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from stages.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
-                           labels_path, pack_header, pack_path)
-from stages.outputs import StageError
+from stages.lib.folder import (CLASSES_FILE, CSV_HEADER, MODES, NORMALIZATION_FILE, decode_image,
+                               labels_path, pack_header, pack_path)
+from stages.lib.outputs import StageError
 
 DECODE_CHUNK = 2500  # images per task sent to a decoding process
 
@@ -218,6 +218,22 @@ def crop_windows(padded: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return padded.unfold(2, height, 1).unfold(3, width, 1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a loader draws its batches: random crops from a `crop_padding`-pixel reflect
+    padding, alternating flips, order, whole batches only, the seed, this rank's share, and
+    class-balanced draws."""
+    crop_padding: int = 0
+    flip: bool = False
+    shuffle: bool = False
+    drop_last: bool = False
+    seed: int = 0
+    # (rank, world): every rank draws the same global batches (same seed) and keeps its
+    # strided share, so the union over ranks is exactly the single-process batch
+    shard: tuple[int, int] = (0, 1)
+    balanced: bool = False
+
+
 class BatchLoader:
     """Batches drawn from one normalized tensor on the device: random crops of a reflect-padded
     copy and alternating flips, each batch gathered in one indexing op (no per-sample work).
@@ -226,26 +242,23 @@ class BatchLoader:
     mirrored every other epoch, so every image is seen both ways in any two consecutive epochs.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
-                 crop_padding: int, flip: bool, shuffle: bool, drop_last: bool, seed: int,
-                 shard: tuple[int, int] = (0, 1), balanced: bool = False) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 sampling: Sampling) -> None:
         self.images, self.labels = images, labels
-        # (rank, world): every rank draws the same global batches (same seed) and keeps its
-        # strided share, so the union over ranks is exactly the single-process batch.
-        self.rank, self.world = shard
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.crop_padding, self.flip = crop_padding, flip
+        self.rank, self.world = sampling.shard
+        self.batch_size, self.shuffle, self.drop_last = batch_size, sampling.shuffle, sampling.drop_last
+        self.crop_padding, self.flip = sampling.crop_padding, sampling.flip
         # balanced: each epoch draws len(labels) images with replacement, each with probability
         # 1 / (its class's count), so every class is drawn equally often (WeightedRandomSampler's
         # idea, as one multinomial draw: no per-sample Python)
-        self.draw_weights = class_balance(labels)[labels].cpu() if balanced else None
+        self.draw_weights = class_balance(labels)[labels].cpu() if sampling.balanced else None
         # CPU generator: its stream is the same on every device, so runs reproduce anywhere.
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(sampling.seed)
         self.epoch = 0
         # example selection (loop.Training): the indices an epoch draws from; None draws all
         self.subset: torch.Tensor | None = None
         # epoch 0's flips, one per image, drawn first from the generator
-        self.flipped = torch.rand(len(labels), generator=self.generator) < 0.5 if flip else None
+        self.flipped = torch.rand(len(labels), generator=self.generator) < 0.5 if self.flip else None
         self.hold(images)
 
     def hold(self, images: torch.Tensor) -> None:
@@ -327,7 +340,7 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Pack:
-    """A split's packed images (preprocess's <split>.npy, stages/folder.py), read by rows.
+    """A split's packed images (preprocess's <split>.npy, stages/lib/folder.py), read by rows.
 
     Rows are copied out of a read-only memory map, which then drops its pages: a page a map has
     touched counts as the process's own memory until it is dropped, so an epoch streamed
@@ -406,10 +419,10 @@ class StreamLoader(BatchLoader):
     needed (`workers` threads loading ahead of the step) instead of held in memory: for a set
     larger than the memory budget. Each rank reads its own share only."""
 
-    def __init__(self, images: PackedImages, labels: torch.Tensor, batch_size: int, *,
-                 workers: int, **options: object) -> None:
+    def __init__(self, images: PackedImages, labels: torch.Tensor, batch_size: int,
+                 sampling: Sampling, workers: int) -> None:
         self.workers = workers
-        super().__init__(images, labels, batch_size, **options)  # type: ignore[arg-type]
+        super().__init__(images, labels, batch_size, sampling)  # type: ignore[arg-type]
 
     def hold(self, images: PackedImages) -> None:
         """Nothing held: each batch is flipped and padded as it is read."""

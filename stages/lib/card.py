@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.archs import ARCHS
-from stages.folder import MODES
-from stages.nets import Architecture, build_model
-from stages.outputs import StageError, atomic_dir
+from stages.lib.archs import ARCHS
+from stages.lib.folder import MODES
+from stages.lib.nets import Architecture, build_model
+from stages.lib.outputs import StageError, atomic_dir
 
 
 @dataclasses.dataclass(frozen=True)

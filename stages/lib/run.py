@@ -15,16 +15,16 @@ import torch
 from dvclive import Live
 from torch import nn
 
-from stages.card import ModelCard, save_model
-from stages.clock import Stopwatch
-from stages.data import Data
-from stages.devices import Precision, announce, hardware, pick_precision
-from stages.inference import loss_and_accuracy, predict_levels
-from stages.loop import Checkpoint, Training, final_levels, fit, training_loader
-from stages.optim import Group
-from stages.outputs import write_json
-from stages.params import TrainParams
-from stages.ranks import Ranks, start, stop
+from stages.lib.card import ModelCard, save_model
+from stages.lib.clock import Stopwatch
+from stages.lib.data import Data
+from stages.lib.devices import announce, hardware, pick_precision
+from stages.lib.inference import loss_and_accuracy, predict_levels
+from stages.lib.loop import Checkpoint, Env, Training, final_levels, fit, training_loader
+from stages.lib.optim import Group
+from stages.lib.outputs import write_json
+from stages.lib.params import TrainParams
+from stages.lib.ranks import start, stop
 
 
 def fingerprint(*parts: object) -> str:
@@ -51,21 +51,11 @@ def stage_paths(usage: str) -> tuple[Path, Outputs]:
     return images_dir, Outputs(*paths)
 
 
-@dataclass(frozen=True)
-class Env:
-    """Where a training stage runs: torchrun's ranks (one plain process without it), the
-    device, the precision chosen for it, and the clock of the training time."""
-    ranks: Ranks
-    device: torch.device
-    precision: Precision
-    watch: Stopwatch
-
-
 @contextlib.contextmanager
 def training_env(params: TrainParams) -> Iterator[Env]:
     """Start the ranks and pick device and precision (announced by rank 0); stop on exit."""
     ranks, device = start(params.device, params.batch_size)
-    env = Env(ranks, device, pick_precision(device, params.amp), Stopwatch(device))
+    env = Env(device, pick_precision(device, params.amp), ranks, Stopwatch(device))
     if ranks.main:
         announce(device, env.precision)
     done = False
@@ -91,7 +81,7 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
     """
     ranks, device, precision = env.ranks, env.device, env.precision
     loader = training_loader(params, data.train_images, data.train_labels, params.seed, ranks)
-    training = Training(model, groups, params, loader, device, precision, ranks, env.watch)
+    training = Training(model, groups, params, loader, env)
     checkpoint = Checkpoint(outputs.checkpoint,
                             fingerprint(params, data.fingerprint, recorded, ranks.world,
                                         device.type, precision.name))

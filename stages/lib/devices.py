@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from stages.outputs import StageError
-from stages.params import parse_bytes
+from stages.lib.outputs import StageError
+from stages.lib.params import parse_bytes
 
 
 def pick_device(name: str) -> torch.device:

@@ -17,28 +17,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.card import load_weights, torch_bytes
-from stages.clock import Stopwatch
-from stages.data import BatchLoader, Images, PackedImages, StreamLoader, class_balance
-from stages.devices import Precision
-from stages.inference import autocast, loss_and_accuracy, predict_levels, predict_logits
-from stages.optim import (EMA_DECAY_BASE, EMA_DECAY_POW, Group, WeightAverage, lr_factor,
-                          make_optimizer)
-from stages.outputs import StageError, atomic_file
-from stages.params import TrainParams
-from stages.ranks import Ranks, all_sum, wrap
+from stages.lib.card import load_weights, torch_bytes
+from stages.lib.clock import Stopwatch
+from stages.lib.data import BatchLoader, Images, PackedImages, Sampling, StreamLoader, class_balance
+from stages.lib.devices import Precision
+from stages.lib.inference import autocast, loss_and_accuracy, predict_levels, predict_logits
+from stages.lib.optim import (EMA_DECAY_BASE, EMA_DECAY_POW, Group, WeightAverage, lr_factor,
+                              make_optimizer)
+from stages.lib.outputs import StageError, atomic_file
+from stages.lib.params import TrainParams
+from stages.lib.ranks import Ranks, all_sum, wrap
 
 
 def training_loader(params: TrainParams, images: Images, labels: torch.Tensor, seed: int,
                     ranks: Ranks = Ranks()) -> BatchLoader:
     """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller);
     streamed from the pack when the images are."""
-    options = dict(crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
-                   drop_last=len(labels) >= params.batch_size, seed=seed,
-                   shard=(ranks.rank, ranks.world), balanced=params.sampler == "balanced")
+    sampling = Sampling(crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
+                        drop_last=len(labels) >= params.batch_size, seed=seed,
+                        shard=(ranks.rank, ranks.world), balanced=params.sampler == "balanced")
     if isinstance(images, PackedImages):
-        return StreamLoader(images, labels, params.batch_size, workers=params.workers, **options)
-    return BatchLoader(images, labels, params.batch_size, **options)
+        return StreamLoader(images, labels, params.batch_size, sampling, workers=params.workers)
+    return BatchLoader(images, labels, params.batch_size, sampling)
 
 
 def planned_steps(params: TrainParams, loader: BatchLoader) -> int:
@@ -84,37 +84,46 @@ class Checkpoint:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class Env:
+    """Where training runs: the device, the precision chosen for it, torchrun's ranks (one
+    plain process without it) and the clock of the training time (None: a new one)."""
+    device: torch.device
+    precision: Precision
+    ranks: Ranks = Ranks()
+    watch: Stopwatch | None = None
+
+
 class Training:
     """Runs the loop over epochs; state lives here so a checkpoint can restore all of it."""
 
     def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
-                 loader: BatchLoader, device: torch.device, precision: Precision,
-                 ranks: Ranks = Ranks(), watch: Stopwatch | None = None) -> None:
+                 loader: BatchLoader, env: Env) -> None:
         if params.progressive_from and not getattr(model, "ANY_SIZE", False):
             raise StageError(f"train.progressive_from: {type(model).__name__} takes only its input "
                              "size; set it to 0 (progressive resizing needs airbench or resnet18)")
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
         self.full_size = tuple(loader.images.shape[-2:])  # the training images' (height, width)
-        self.device, self.precision, self.ranks = device, precision, ranks
+        self.device, self.precision, self.ranks = env.device, env.precision, env.ranks
         # the training time, airbench's way: sections timed by the stage (whitening), the
         # epochs and the final evaluation; not validation, checkpoints or set-up
-        self.watch = watch or Stopwatch(device)
+        self.watch = env.watch or Stopwatch(env.device)
         self.optimizer = make_optimizer(params, groups)
         # fp16 (MPS) needs the loss scaled so that small gradients do not underflow; bf16 and
         # float32 have float32's range, and the scaler then does nothing
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype is torch.float16)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision.dtype is torch.float16)
         # DDP-wrapped and compiled forward for training only; the state_dict is taken from the
         # plain module, so its keys carry no `module.` or `_orig_mod.` prefix.
-        forward = wrap(model, ranks, device)
+        forward = wrap(model, env.ranks, env.device)
         self.forward = torch.compile(forward) if params.compile else forward
         # Frozen groups get no gradients in one eager process. A compiled graph would recompile
         # when requires_grad changes and DDP waits for every parameter's gradient, so there the
         # frozen keep theirs (at zero learning rate), paying for their compute.
-        self.skip_frozen = ranks.world == 1 and not params.compile
+        self.skip_frozen = env.ranks.world == 1 and not params.compile
         self.total_steps = planned_steps(params, loader)
         self.epochs = math.ceil(params.epochs)
         # example selection: each example's loss when it was last trained on (inf: not yet)
-        self.losses = (torch.full((len(loader.labels),), math.inf, device=device)
+        self.losses = (torch.full((len(loader.labels),), math.inf, device=env.device)
                        if params.select_from else None)
         self.step = 0
         self.epoch = 0

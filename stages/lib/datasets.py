@@ -6,7 +6,7 @@ Three distribution formats:
 - "cifar": one python-pickle tarball (CIFAR-10, CIFAR-100), extracted member by member;
 - "idx": four gzip'd IDX files beside each other (MNIST, Fashion-MNIST), each decompressed;
 - "folder": a person's own images (`download.dataset: folder`), a folder or a .tar, .tar.gz
-  or .zip of one, in the ImageFolder or the CSV layout (stages/imagefolder.py).
+  or .zip of one, in the ImageFolder or the CSV layout (stages/lib/imagefolder.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from stages.outputs import StageError
+from stages.lib.outputs import StageError
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.devices import pick_device
-from stages.outputs import StageError
+from stages.lib.devices import pick_device
+from stages.lib.outputs import StageError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
 # Write failures that the user fixes on the machine, not in the code.
 STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit was hit",
                   errno.EDQUOT: "the disk quota is exceeded"}

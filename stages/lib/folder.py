@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.outputs import StageError
+from stages.lib.outputs import StageError
 
 CSV_HEADER = ("path", "label", "class_name")
 CLASSES_FILE = "classes.json"

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import yaml
 
-from stages.archs import ARCHS
-from stages.datasets import DATASETS
-from stages.outputs import StageError
+from stages.lib.archs import ARCHS
+from stages.lib.datasets import DATASETS
+from stages.lib.outputs import StageError
 
 PARAMS_FILE = Path("params.yaml")
 # Mixed precision: auto = where the device computes it natively (devices.pick_precision);
@@ -388,7 +388,7 @@ def override_text(value: object) -> str:
     return yaml_text(value)
 
 
-if __name__ == "__main__":  # python -m stages.params PRESET BASE: `-S` and its value, one a line
+if __name__ == "__main__":  # python -m stages.lib.params PRESET BASE: `-S` and its value, one a line
     import sys
 
     try:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from stages.nets import Architecture
-from stages.outputs import StageError
-from stages.params import TrainParams
+from stages.lib.nets import Architecture
+from stages.lib.outputs import StageError
+from stages.lib.params import TrainParams
 
 # Triangle schedule ends, as airbench: start at 0.2 x lr, peak at `warmup`, end at 0.07 x lr.
 TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
@@ -41,10 +41,20 @@ class Group:
         return epoch >= self.start and (self.stop is None or epoch < self.stop)
 
 
-def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: float,
-                 bias_lr_scale: float, freeze_epochs: int, whiten_bias_epochs: int,
-                 muon_lr: float | None = None) -> list[Group]:
-    """Group the trainable parameters by the role the architecture gives each (model.py).
+@dataclass(frozen=True)
+class Rates:
+    """The learning rates and schedule of param_groups' groups (see there)."""
+    lr: float
+    head_lr: float
+    weight_decay: float
+    bias_lr_scale: float
+    freeze_epochs: int = 0
+    whiten_bias_epochs: int = 0
+    muon_lr: float | None = None
+
+
+def param_groups(model: Architecture, rates: Rates) -> list[Group]:
+    """Group the trainable parameters by the role the architecture gives each (nets.py).
 
     "norm_bias" (airbench's frozen-scale BatchNorm biases) trains at lr * bias_lr_scale (64
     there), its weight decay divided by the same factor so that the per-step decay lr * wd
@@ -58,16 +68,17 @@ def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: f
     parameters = dict(model.named_parameters())
     for name, role in model.roles().items():
         param = parameters[name]
-        filters = muon_lr is not None and role == "backbone" and param.ndim == 4
+        filters = rates.muon_lr is not None and role == "backbone" and param.ndim == 4
         buckets["filters" if filters else role].append(param)
+    r, start = rates, rates.freeze_epochs
+    bias_lr, bias_decay = r.lr * r.bias_lr_scale, r.weight_decay / r.bias_lr_scale
     groups = [
-        Group("head", buckets["head"], head_lr, weight_decay),
-        Group("norm_bias", buckets["norm_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
-              start=freeze_epochs),
-        Group("stem_bias", buckets["stem_bias"], lr * bias_lr_scale, weight_decay / bias_lr_scale,
-              start=freeze_epochs, stop=max(freeze_epochs, whiten_bias_epochs)),
-        Group("backbone", buckets["backbone"], lr, weight_decay, start=freeze_epochs),
-        Group("filters", buckets["filters"], muon_lr or 0.0, 0.0, start=freeze_epochs, orthogonal=True),
+        Group("head", buckets["head"], r.head_lr, r.weight_decay),
+        Group("norm_bias", buckets["norm_bias"], bias_lr, bias_decay, start=start),
+        Group("stem_bias", buckets["stem_bias"], bias_lr, bias_decay, start=start,
+              stop=max(start, r.whiten_bias_epochs)),
+        Group("backbone", buckets["backbone"], r.lr, r.weight_decay, start=start),
+        Group("filters", buckets["filters"], r.muon_lr or 0.0, 0.0, start=start, orthogonal=True),
     ]
     return [g for g in groups if g.params]
 
@@ -75,9 +86,9 @@ def param_groups(model: Architecture, lr: float, head_lr: float, weight_decay: f
 def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
     """The groups of a run from scratch: everything trains from the start at `lr` (the conv
     filters at `muon_lr` with optimizer muon), the leading blocks one by one from `freeze_from`."""
-    groups = param_groups(model, params.lr, params.lr, params.weight_decay, params.bias_lr_scale,
-                          freeze_epochs=0, whiten_bias_epochs=params.whiten_bias_epochs,
-                          muon_lr=params.muon_lr if params.optimizer == "muon" else None)
+    muon_lr = params.muon_lr if params.optimizer == "muon" else None
+    groups = param_groups(model, Rates(params.lr, params.lr, params.weight_decay, params.bias_lr_scale,
+                                       whiten_bias_epochs=params.whiten_bias_epochs, muon_lr=muon_lr))
     if not params.freeze_from:
         return groups
     return freeze_leading(groups, model, params.freeze_blocks, params.freeze_from)
