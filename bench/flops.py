@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,12 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from stages.lib.data import BatchLoader, Sampling
 from stages.lib.devices import keep_freed_memory, pick_precision
 from stages.lib.inference import autocast
-from stages.lib.loop import Env, Training
+from stages.lib.loop import Env, Training, begin_epoch
 from stages.lib.nets import build_model
 from stages.lib.optim import scratch_groups
-from stages.lib.params import Amp, TrainParams
+from stages.lib.params import Amp, Params, TrainParams, build, read_yaml, with_preset
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "airbench94"  # presets/airbench94.yaml: the default until #13
 PEAK_SIDE = 4096  # large enough that the matmul runs at its best on every CPU kind measured
 REPEATS = 3
 COUNT_BATCH = 8  # images a step is counted on: FLOPs grow linearly with the batch
@@ -82,7 +85,7 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
                  side: int = 32) -> float:
     """Training FLOPs of a whole recipe on `examples` square images: each epoch's steps, as
     many as the loop takes (planned_steps, example selection), times a step's FLOPs at the
-    image size and with the blocks frozen that Training.begin_epoch gives that epoch.
+    image size and with the blocks frozen that loop.begin_epoch gives that epoch.
     Counts training only: not whitening, validation or TTA, all alike across recipes."""
     torch.manual_seed(0)
     model = build_model(params.arch, classes, (3, side, side)).train()
@@ -97,7 +100,7 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
     for epoch in range(training.epochs):
         training.epoch = epoch
         # as in the run: frozen groups stop requiring gradients, the loader keeps the selected share
-        size = training.begin_epoch() or (side, side)
+        size = begin_epoch(training) or (side, side)
         steps = min(steps_left, len(loader))
         steps_left -= steps
         key = (size, tuple(p.requires_grad for p in model.parameters()))
@@ -109,10 +112,19 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
     return total
 
 
-def print_recipes(names: list[str], examples: int) -> None:
-    from bench.time_to_accuracy import BASELINE, recipe_params  # it imports this module
-    from stages.lib.params import Params, build
+def recipe_params(name: str, changes: dict[str, object]) -> dict:
+    """`default` is params.yaml with `changes`; any other name is that preset on params.yaml."""
+    if name != "default":
+        return with_preset(ROOT / "presets" / f"{name}.yaml", ROOT / "params.yaml")
+    params = read_yaml(ROOT / "params.yaml")
+    for key, value in changes.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    build(Params, params, "")
+    return params
 
+
+def print_recipes(names: list[str], examples: int) -> None:
     totals = {name: recipe_flops(build(Params, recipe_params(name, {}), "").train, examples)
               for name in names}
     base = BASELINE if BASELINE in totals else names[0]

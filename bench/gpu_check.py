@@ -40,7 +40,7 @@ from stages.lib.clock import Stopwatch
 from stages.lib.data import BatchLoader, decode_split, load_data, normalize, to_device
 from stages.lib.devices import memory_budget, pick_device, pick_precision
 from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
-from stages.lib.loop import Checkpoint, Env, Training, fit, training_loader
+from stages.lib.loop import Checkpoint, Env, Training, fit, train_one_epoch, training_loader
 from stages.lib.nets import fresh_model
 from stages.lib.optim import scratch_groups
 from stages.lib.params import TrainParams, build, read_yaml
@@ -146,7 +146,7 @@ def check_syncs(params: TrainParams, images: torch.Tensor, labels: torch.Tensor)
     training = new_training(params, images, labels, seed=0)
     training.loader = StrictLoader(training.loader)
     try:
-        training.run_epoch()
+        train_one_epoch(training)
     except RuntimeError as err:
         if "synchroniz" not in str(err):  # only the sync debug mode's own error is a verdict
             raise

@@ -31,15 +31,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.flops import matmul_peak, recipe_flops, step_throughput
+from bench.flops import BASELINE, ROOT, matmul_peak, recipe_flops, recipe_params, step_throughput
 from stages.lib.card import load_trained
 from stages.lib.data import decode_split, normalize, read_annotations, read_classes
 from stages.lib.devices import cpu_summary, pick_precision
 from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
-from stages.lib.params import Params, build, read_yaml, with_preset
+from stages.lib.params import Params, build
 
-ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "airbench94"  # presets/airbench94.yaml: the default until #13
 GOAL_RATIO = 0.5
 
 
@@ -50,18 +48,6 @@ class Recipe:
     accuracies: list[float] = field(default_factory=list)
     stage_seconds: list[float] = field(default_factory=list)
     training_seconds: list[float] = field(default_factory=list)
-
-
-def recipe_params(name: str, changes: dict[str, object]) -> dict:
-    """`default` is params.yaml with `changes`; any other name is that preset on params.yaml."""
-    if name != "default":
-        return with_preset(ROOT / "presets" / f"{name}.yaml", ROOT / "params.yaml")
-    params = read_yaml(ROOT / "params.yaml")
-    for key, value in changes.items():
-        section, name = key.split(".")
-        params[section][name] = value
-    build(Params, params, "")
-    return params
 
 
 def stage_params(params: dict, seed: int) -> dict:

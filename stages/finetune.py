@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 from stages.lib.card import ModelCard, load_weights
-from stages.lib.data import load_data
+from stages.lib.data import Data, load_data
 from stages.lib.devices import memory_budget
+from stages.lib.loop import Checkpoint, Env, Training, fit, training_loader
 from stages.lib.nets import Architecture, build_model
 from stages.lib.optim import Rates, param_groups
 from stages.lib.outputs import StageError, stage_main
 from stages.lib.params import Params, TrainParams, load_params
-from stages.lib.run import print_summary, stage_paths, train_and_save, training_env
+from stages.lib.session import (epoch_logger, final_metrics, fingerprint, print_summary,
+                                save_trained, stage_paths, training_env)
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 
@@ -111,31 +113,41 @@ def loop_params(params: Params) -> TrainParams:
                                progressive_from=0, select_from=0, freeze_from=0)
 
 
+def pretrained_model(arch: str, data: Data, init: Path, env: Env) -> tuple[Architecture, dict]:
+    """`arch` for the data's classes and shape, with `init`'s weights where name and shape
+    match (the report says which loaded, were re-initialised or skipped), on the device."""
+    loaded = read_state_dict(init)
+    model = build_model(arch, len(data.classes), tuple(data.train_images.shape[1:]))
+    report = match_weights(model, loaded, init)
+    if env.ranks.main:
+        print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
+              f"{report['reinitialised']}, skipped {report['skipped']}")
+    return model.to(env.device, memory_format=torch.channels_last), report
+
+
 @stage_main
 def main() -> None:
     all_params = load_params()
     tune, params = all_params.finetune, loop_params(all_params)
-    images_dir, outputs = stage_paths(__doc__)
+    packed_dir, outputs = stage_paths(__doc__)
     with training_env(params) as env:  # torchrun's ranks, the device and precision, the clock
         torch.manual_seed(params.seed)
-        init = Path(tune.init)
-        loaded = read_state_dict(init)
-        data = load_data(images_dir, env.device, memory_budget(params.memory_budget, env.device))
-        model = build_model(params.arch, len(data.classes), tuple(data.train_images.shape[1:]))
-        report = match_weights(model, loaded, init)
-        if env.ranks.main:
-            print(f"finetune: from {init}: loaded {len(report['loaded'])} keys, re-initialised "
-                  f"{report['reinitialised']}, skipped {report['skipped']}")
-        model = model.to(env.device, memory_format=torch.channels_last)
+        data = load_data(packed_dir, env.device, memory_budget(params.memory_budget, env.device))
+        model, report = pretrained_model(params.arch, data, Path(tune.init), env)
         rates = Rates(tune.lr, tune.head_lr, params.weight_decay, params.bias_lr_scale,
                       freeze_epochs=tune.freeze_epochs)
-        groups = param_groups(model, rates)
-        recorded = {"init": tune.init, "init_sha256": sha256_of(init), "head_lr": tune.head_lr,
-                    "freeze_epochs": tune.freeze_epochs}
-        counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
-        metrics = train_and_save(model, groups, params, data, env, outputs, recorded,
-                                 report={**counts, "init_report": report})
-    print_summary("finetune", metrics, env)
+        loader = training_loader(params, data.train_images, data.train_labels, params.seed, env.ranks)
+        training = Training(model, param_groups(model, rates), params, loader, env)
+        recorded = {"init": tune.init, "init_sha256": sha256_of(Path(tune.init)),
+                    "head_lr": tune.head_lr, "freeze_epochs": tune.freeze_epochs}
+        checkpoint = Checkpoint(outputs.checkpoint, fingerprint(params, data, env, recorded))
+        with epoch_logger(outputs.live_dir, training) as log_epoch:
+            fit(training, data.val, checkpoint, log_epoch)
+        if env.ranks.main:
+            metrics = final_metrics(training, data)
+            counts = {f"init_keys_{k}": len(v) for k, v in report.items()}
+            save_trained(training, data, outputs, metrics, recorded, {**counts, "init_report": report})
+            print_summary("finetune", metrics)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,33 @@ import torch
 
 from stages.lib.data import load_data
 from stages.lib.devices import memory_budget
+from stages.lib.loop import Checkpoint, Training, fit, training_loader
 from stages.lib.nets import fresh_model
 from stages.lib.optim import scratch_groups
 from stages.lib.outputs import stage_main
 from stages.lib.params import load_params
-from stages.lib.run import print_summary, stage_paths, train_and_save, training_env
+from stages.lib.session import (epoch_logger, final_metrics, fingerprint, print_summary,
+                                save_trained, stage_paths, training_env)
 
 
 @stage_main
 def main() -> None:
     params = load_params().train
-    images_dir, outputs = stage_paths(__doc__)
+    packed_dir, outputs = stage_paths(__doc__)
     with training_env(params) as env:  # torchrun's ranks, the device and precision, the clock
         torch.manual_seed(params.seed)
-        data = load_data(images_dir, env.device, memory_budget(params.memory_budget, env.device))
+        data = load_data(packed_dir, env.device, memory_budget(params.memory_budget, env.device))
         with env.watch.section():  # the whitening is part of the training time, as airbench counts it
             model = fresh_model(params.arch, len(data.classes), data.train_images)
-        metrics = train_and_save(model, scratch_groups(model, params), params, data, env, outputs,
-                                 recorded={}, report={})
-    print_summary("train", metrics, env)
+        loader = training_loader(params, data.train_images, data.train_labels, params.seed, env.ranks)
+        training = Training(model, scratch_groups(model, params), params, loader, env)
+        checkpoint = Checkpoint(outputs.checkpoint, fingerprint(params, data, env))
+        with epoch_logger(outputs.live_dir, training) as log_epoch:
+            fit(training, data.val, checkpoint, log_epoch)
+        if env.ranks.main:
+            metrics = final_metrics(training, data)
+            save_trained(training, data, outputs, metrics)
+            print_summary("train", metrics)
 
 
 if __name__ == "__main__":

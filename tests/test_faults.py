@@ -16,6 +16,7 @@ import torch
 
 import stages.extract
 from stages.extract import extract
+from stages.lib import loop
 from stages.lib.datasets import DATASETS
 from stages.lib.loop import Checkpoint, fit
 from stages.lib.outputs import StageError
@@ -138,12 +139,12 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 1
 
 
-def test_out_of_memory_names_the_batch_size(tmp_path) -> None:
+def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch) -> None:
     training = make_training()
 
-    def exhausted(images, labels):
+    def exhausted(training, images, labels):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    training.train_step = exhausted
+    monkeypatch.setattr(loop, "train_step", exhausted)
     with pytest.raises(StageError, match="out of memory on cpu at epoch 1 with batch_size 50"):
         fit(training, toy_data(20), Checkpoint(tmp_path / "c.pt", "x"), lambda e, row: None)
 

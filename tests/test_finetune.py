@@ -9,7 +9,7 @@ from stages.finetune import init_arch, match_weights, read_state_dict
 from stages.lib.card import save_model
 from stages.lib.data import BatchLoader, Sampling
 from stages.lib.devices import pick_precision
-from stages.lib.loop import Env, Training
+from stages.lib.loop import Env, Training, train_one_epoch
 from stages.lib.nets import build_model
 from stages.lib.optim import Rates, param_groups
 from stages.lib.outputs import StageError
@@ -128,11 +128,11 @@ def test_freeze_epochs_train_only_the_head_first() -> None:
         Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0))
     groups = param_groups(model, Rates(0.01, 0.05, 0.0, 1.0, freeze_epochs=1, whiten_bias_epochs=0))
     training = Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
-    training.run_epoch()
+    train_one_epoch(training)
     assert all(torch.equal(p, backbone[k]) for k, p in model.named_parameters() if k in backbone)
     assert not torch.equal(model.fc3.weight, head)
     training.epoch += 1
-    training.run_epoch()
+    train_one_epoch(training)
     assert not torch.equal(model.fc1.weight, backbone["fc1.weight"])
 
 

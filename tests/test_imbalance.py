@@ -12,7 +12,7 @@ from stages.lib.data import BatchLoader, Sampling, class_balance
 from stages.lib.datasets import DATASETS
 from stages.lib.devices import pick_precision
 from stages.lib.inference import predict_logits
-from stages.lib.loop import Env, Training, training_loader
+from stages.lib.loop import Env, Training, train_one_epoch, training_loader
 from stages.lib.nets import build_model
 from stages.lib.optim import Rates, param_groups
 from stages.lib.outputs import StageError
@@ -43,7 +43,7 @@ def minority_recall(**changes) -> float:
     loader = training_loader(params, images, labels, seed=0)
     training = Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, False)))
     for _ in range(training.epochs):
-        training.run_epoch()
+        train_one_epoch(training)
         training.epoch += 1
     test_images, test_labels = blobs((500, 500), seed=1)
     predictions = predict_logits(model.eval(), test_images, 500, "none", None).argmax(1)

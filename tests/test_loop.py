@@ -9,7 +9,8 @@ from stages.lib.card import load_weights
 from stages.lib.data import BatchLoader, Sampling
 from stages.lib.devices import pick_device, pick_precision
 from stages.lib.inference import TTA_WEIGHTS, predict_levels, predict_logits, tta_views
-from stages.lib.loop import Checkpoint, Env, Training, fit, rng_tensor, warm_up
+from stages.lib.loop import (Checkpoint, Env, Training, fit, progressive_size, rng_tensor,
+                             start_groups, train_one_epoch, warm_up)
 from stages.lib.nets import AirbenchNet, build_model
 from stages.lib.optim import (Muon, Rates, WeightAverage, freeze_leading, lr_factor, orthogonalize,
                               param_groups, scratch_groups)
@@ -149,7 +150,7 @@ def test_training_learns_a_separable_toy_task() -> None:
     training = make_training()
     losses = []
     for _ in range(3):
-        losses.append(training.run_epoch()["loss"])
+        losses.append(train_one_epoch(training)["loss"])
         training.epoch += 1
     assert training.step == math.ceil(4 * 3.0)
     assert losses[-1] < losses[0]
@@ -160,9 +161,20 @@ def test_training_learns_a_separable_toy_task() -> None:
 
 def test_non_finite_loss_stops_with_epoch_and_step() -> None:
     training = make_training(lr=1e30, optimizer="sgd", momentum=0.0, nesterov=False)
-    with pytest.raises(StageError, match=r"non-finite loss at epoch \d+, step \d+"):
+    with pytest.raises(StageError, match=r"non-finite loss at epoch \d+, step \d+; lower train.lr"):
         for _ in range(3):
-            training.run_epoch()
+            train_one_epoch(training)
+            training.epoch += 1
+
+
+def test_non_finite_loss_in_half_precision_names_it_and_float32_as_the_way_out() -> None:
+    plain = make_training(lr=1e30, optimizer="sgd", momentum=0.0, nesterov=False)
+    training = Training(plain.model, plain.groups, plain.params, plain.loader,
+                        Env(CPU, devices.Precision(torch.bfloat16, "amp auto: the CPU has AVX512_BF16")))
+    with pytest.raises(StageError, match=r"non-finite loss at epoch \d+, step \d+ in bfloat16 "
+                       r"\(amp auto: the CPU has AVX512_BF16\); set train.amp: false"):
+        for _ in range(3):
+            train_one_epoch(training)
             training.epoch += 1
 
 
@@ -190,7 +202,7 @@ def test_compile_compiles_once_across_the_whitening_bias_freeze() -> None:
     flags = {name: p.requires_grad for name, p in training.model.named_parameters()}
     biases = []
     for _ in range(3):
-        training.run_epoch()
+        train_one_epoch(training)
         training.epoch += 1
         biases.append(training.model.whiten.bias.detach().clone())
         assert {n: p.requires_grad for n, p in training.model.named_parameters()} == flags
@@ -207,14 +219,14 @@ def test_a_group_frozen_then_started_begins_without_momentum(skip_frozen) -> Non
     training.groups = [dataclasses.replace(g, start=1) if g.name == "head" else g for g in training.groups]
     head = training.model.head.weight
     before = head.detach().clone()
-    training.run_epoch()
+    train_one_epoch(training)
     training.epoch += 1
     assert torch.equal(head, before)
     # with gradients while frozen SGD gathered momentum; without, it has nothing for the head
     assert (head in training.optimizer.state) is not skip_frozen
-    training.start_groups()
+    start_groups(training)
     assert head not in training.optimizer.state
-    training.run_epoch()
+    train_one_epoch(training)
     assert not torch.equal(head, before)
 
 
@@ -231,7 +243,7 @@ def frozen_run(skip_frozen: bool) -> tuple[Training, list[dict[str, torch.Tensor
             lambda m, args, asked=asked: asked.append(args[0].requires_grad))
     states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     for _ in range(3):
-        training.run_epoch()
+        train_one_epoch(training)
         training.epoch += 1
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return training, states, input_grads
@@ -291,7 +303,7 @@ def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
         hook = training.model.groups[0].conv1.register_forward_pre_hook(
             lambda module, args: inputs_need_grad.append(args[0].requires_grad))
         for _ in range(3):
-            training.run_epoch()
+            train_one_epoch(training)
             assert (training.model.whiten.bias.grad is None) is (skip and training.epoch >= 1)
             training.epoch += 1
         hook.remove()
@@ -304,11 +316,11 @@ def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
 def test_a_backbone_frozen_for_an_epoch_gets_no_gradients_in_it() -> None:
     training = airbench_training(epochs=2.0)
     training.groups = [g if g.name == "head" else dataclasses.replace(g, start=1) for g in training.groups]
-    training.run_epoch()
+    train_one_epoch(training)
     with_grad = [name for name, p in training.model.named_parameters() if p.grad is not None]
     assert with_grad == ["head.weight"]
     training.epoch += 1
-    training.run_epoch()
+    train_one_epoch(training)
     assert training.model.groups[0].conv1.weight.grad is not None
 
 
@@ -320,8 +332,8 @@ def test_warm_up_leaves_weights_optimizer_and_random_draws_as_they_were() -> Non
         assert torch.equal(warmed.model.state_dict()[key], value), key
     assert torch.equal(warmed.loader.generator.get_state(), reference.loader.generator.get_state())
     for _ in range(2):
-        reference.run_epoch()
-        warmed.run_epoch()
+        train_one_epoch(reference)
+        train_one_epoch(warmed)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(warmed.model.state_dict()[key], value), key
 
@@ -437,8 +449,8 @@ def test_progressive_resizing_grows_the_images_to_full_size_and_trains_on_them()
     training.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
     sizes = []
     for _ in range(4):
-        sizes.append(training.image_size())
-        training.run_epoch()
+        sizes.append(progressive_size(training))
+        train_one_epoch(training)
         training.epoch += 1
     assert sizes == [(16, 16), (24, 24), None, None]  # full size (32) from half the epochs on
     assert seen == [16, 16, 24, 24, 32, 32, 32, 32]  # 2 steps an epoch
@@ -451,7 +463,7 @@ def test_progressive_step_rounds_each_epoch_to_a_cheap_side() -> None:
         found = []
         for epoch in range(8):
             training.epoch = epoch
-            size = training.image_size()
+            size = progressive_size(training)
             found.append(size and size[0])
         return found
 
@@ -490,7 +502,7 @@ def test_selection_trains_on_the_highest_loss_examples_from_select_from_on() -> 
     assert torch.isinf(training.losses).all()  # nothing seen yet
     for epoch in range(4):
         before = training.losses.clone()
-        training.run_epoch()
+        train_one_epoch(training)
         training.epoch += 1
         trained = training.losses != before  # every example an epoch trains on is re-scored
         if epoch < 2:
@@ -505,18 +517,18 @@ def test_selection_trains_on_the_highest_loss_examples_from_select_from_on() -> 
 def test_a_run_resumed_after_selection_started_matches_the_uninterrupted_one() -> None:
     whole = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
     for _ in range(4):
-        whole.run_epoch()
+        train_one_epoch(whole)
         whole.epoch += 1
     first = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
     for _ in range(2):
-        first.run_epoch()
+        train_one_epoch(first)
         first.epoch += 1
     state = first.state()
     assert state["losses"].device.type == "cpu" and torch.isfinite(state["losses"]).all()
     resumed = make_training(epochs=4.0, select_from=1, select_fraction=0.5, ema_every=0)
     resumed.load_state(state)
     for _ in range(2):
-        resumed.run_epoch()
+        train_one_epoch(resumed)
         resumed.epoch += 1
     assert torch.equal(resumed.losses, whole.losses)
     for key, value in whole.model.state_dict().items():

@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.lib.archs import ARCHS
+from stages.lib.nets import build_model
 from stages.lib.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +142,30 @@ def test_the_muon_cut_preset_pins_every_key_it_reads_so_the_old_default_never_dr
     preset = yaml.safe_load((ROOT / "presets" / "muon_cut.yaml").read_text())["train"]
     assert set(preset) == {f.name for f in fields(TrainParams)} - RUN_KEYS
     assert preset["optimizer"] == "muon" and preset["select_from"] and preset["freeze_from"]
+
+
+def test_an_unknown_key_gets_the_closest_known_one(tmp_path) -> None:
+    path = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["lrr"] = raw["train"].pop("lr")
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) \['train.lrr'\] .*did you mean train.lr\?"):
+        load_params(path)
+
+
+def test_a_name_added_to_a_registry_is_accepted_and_built(tmp_path, monkeypatch) -> None:
+    """Adding an architecture: its class in a module, one entry in archs.ARCHS."""
+    module = tmp_path / "tiny_net_for_test.py"
+    module.write_text("from stages.lib.nets import QuickstartMLP\n\nclass TinyNet(QuickstartMLP):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ARCHS, "tiny", "tiny_net_for_test:TinyNet")
+    path = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["arch"] = "tiny"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).train.arch == "tiny"
+    assert type(build_model("tiny", 10, (1, 28, 28))).__name__ == "TinyNet"
+    monkeypatch.delitem(ARCHS, "tiny")
+    with pytest.raises(ParamsError, match=r"train.arch must be one of \['airbench'"):
+        load_params(path)
+

@@ -15,7 +15,7 @@ import yaml
 from stages.lib.data import (BatchLoader, Pack, PackedImages, Sampling, StreamLoader, load_data,
                              normalize)
 from stages.lib.devices import pick_precision
-from stages.lib.loop import Env, Training, training_loader
+from stages.lib.loop import Env, Training, train_one_epoch, training_loader
 from stages.lib.nets import build_model
 from stages.lib.optim import Rates, param_groups
 from tests.conftest import ROOT
@@ -123,7 +123,7 @@ def toy_training(images: torch.Tensor | PackedImages, labels: torch.Tensor) -> T
 
 def run_epochs(training: Training, count: int) -> None:
     for _ in range(count):
-        training.run_epoch()
+        train_one_epoch(training)
         training.epoch += 1
 
 

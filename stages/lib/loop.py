@@ -134,140 +134,6 @@ class Training:
         self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
         self.criterion = make_criterion(params, loader.labels)
 
-    def set_lr(self) -> None:
-        factor = lr_factor(self.params.schedule, self.step, self.total_steps, self.params.warmup)
-        for group, spec in zip(self.groups, self.optimizer.param_groups):
-            trains = group.trains_in(self.epoch)
-            spec["lr"] = group.lr * factor if trains else 0.0
-            spec["weight_decay"] = group.weight_decay if trains else 0.0
-            spec["trains"] = trains
-
-    def logged_lr(self) -> float:
-        """The learning rate of the last step: the backbone's (zero while it is frozen), or the
-        head's where the model has nothing else."""
-        lrs = {g.name: spec["lr"] for g, spec in zip(self.groups, self.optimizer.param_groups)}
-        return lrs.get("backbone", lrs["head"])
-
-    def start_groups(self) -> None:
-        """At an epoch's start: where frozen groups get no gradients (skip_frozen), a group
-        outside its epochs stops requiring them, so backward skips what only it needed (the
-        first conv's input gradient once the stem bias stops; finetune's whole backbone while
-        the head trains alone). And a group that starts training now forgets any momentum it
-        gathered while frozen, so it starts as if it had had no gradients until now."""
-        for group in self.groups:
-            if self.skip_frozen:
-                for param in group.params:
-                    param.requires_grad_(group.trains_in(self.epoch))
-            if self.epoch > 0 and group.start == self.epoch:
-                for param in group.params:
-                    self.optimizer.state.pop(param, None)
-
-    def maybe_average(self, epoch_end: bool = False) -> None:
-        """Every `ema_every` steps once past `ema_start`, and at each epoch's end so that the
-        epoch ends on averaged weights. (airbench instead resets to the last average there,
-        discarding up to ema_every - 1 steps: harmless at 97 steps an epoch, not at 3.)"""
-        every = self.params.ema_every
-        progress = self.step / self.total_steps
-        if every == 0 or progress < self.params.ema_start:
-            return
-        if self.average is None:
-            self.average = WeightAverage(self.model)
-        elif (self.step % every == 0) != epoch_end:  # due now; or epoch end, not just done
-            decay = EMA_DECAY_BASE ** every * progress ** EMA_DECAY_POW
-            self.average.update(self.model, decay)
-
-    def image_size(self) -> tuple[int, int] | None:
-        """This epoch's training image size under progressive resizing (None: full size): the
-        first epoch at `progressive_from` pixels high, growing linearly to the full height at
-        `progressive_until` of the epochs, each side rounded to a multiple of `progressive_step`
-        (never below the first). Fewer pixels, proportionally fewer FLOPs, while the network
-        learns the coarse features that need no detail."""
-        height, width = self.full_size
-        ramp = self.params.progressive_until * self.params.epochs
-        start = self.params.progressive_from
-        if not start or self.epoch >= ramp or start >= height:
-            return None
-        step = self.params.progressive_step
-        side = step * round((start + (height - start) * self.epoch / ramp) / step)
-        if side >= height:
-            return None
-        return side, round(width * side / height)
-
-    def select(self) -> None:
-        """At an epoch's start from `select_from` on: train on the `select_fraction` of the set
-        with the highest loss when last seen. The easy examples the network already gets right
-        teach it little; skipping them saves their steps (airbench96's selection, scored by the
-        training steps' own losses instead of a proxy network's: stale by up to a few epochs,
-        but free)."""
-        if self.losses is None or self.epoch < self.params.select_from:
-            return
-        keep = selected_count(self.params, len(self.losses))
-        self.loader.subset = torch.topk(self.losses, keep, sorted=False).indices
-
-    def record_losses(self, measured: torch.Tensor) -> None:
-        """At an epoch's end: keep the losses it measured (row 0, where row 1 is 1). Each rank
-        measured its own share of every batch; summed over ranks, every rank keeps the same
-        vector."""
-        totals = all_sum(measured, self.ranks)
-        self.losses = torch.where(totals[1] > 0, totals[0], self.losses)
-
-    def begin_epoch(self) -> tuple[int, int] | None:
-        """An epoch's set-up, before its first step: groups started or stopped, the examples
-        selected; returns its image size (None: full size). bench.flops counts a recipe by it."""
-        self.start_groups()
-        self.select()
-        return self.image_size()
-
-    def run_epoch(self) -> dict[str, float]:
-        """One pass over the loader; returns train loss/accuracy read once at the end."""
-        size = self.begin_epoch()
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
-        seen = 0
-        if self.losses is not None:  # this epoch's measured losses, and where it measured them
-            measured = self.losses.new_zeros((2, len(self.losses)))
-        for images, labels, index in tqdm(self.loader.indexed(), total=len(self.loader),
-                                          desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                                          leave=False, mininterval=2):
-            if self.step >= self.total_steps:
-                break
-            self.set_lr()
-            if size is not None:
-                images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
-            logits, loss = self.train_step(images, labels)
-            if self.losses is not None:
-                measured[0, index] = F.cross_entropy(logits.float(), labels, reduction="none")
-                measured[1, index] = 1.0
-            bad = ~torch.isfinite(loss) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, self.step), first_bad)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            self.step += 1
-            self.maybe_average()
-        self.maybe_average(epoch_end=True)
-        if self.losses is not None:
-            self.record_losses(measured)
-        if first_bad.item() >= 0:
-            raise StageError(f"training diverged: non-finite loss at epoch {self.epoch + 1}, step "
-                             f"{first_bad.item() + 1}; lower train.lr (the last good checkpoint is kept)")
-        totals = all_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
-                                      torch.tensor(float(seen), device=self.device)]), self.ranks)
-        return {"loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()}
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.precision.dtype):
-            logits = self.forward(images)
-            loss = self.criterion(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return logits.detach(), loss.detach()
-
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -300,6 +166,181 @@ class Training:
             self.losses = state["losses"].to(self.device)
         self.loader.generator.set_state(rng_tensor(state["loader_rng"]))
         torch.set_rng_state(rng_tensor(state["torch_rng"]))
+
+
+class EpochTotals:
+    """An epoch's loss and accuracy sums and its first non-finite step, kept on the device (no
+    host sync per step) and read once at the end, summed over ranks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+        self.seen = 0
+
+    def add(self, step: int, logits: torch.Tensor, loss: torch.Tensor, labels: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.loss += loss.detach() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def read(self, ranks: Ranks) -> dict[str, float]:
+        seen = torch.tensor(float(self.seen), device=self.loss.device)
+        loss, correct, seen = all_sum(torch.stack([self.loss, self.correct.to(self.loss.dtype), seen]), ranks)
+        return {"loss": loss.item() / seen.item(), "accuracy": correct.item() / seen.item()}
+
+
+def train_one_epoch(training: Training) -> dict[str, float]:
+    """One pass over the loader (torchvision's train_one_epoch, with the recipe's cuts, each a
+    function of its own); returns the train loss and accuracy, read once at the end."""
+    start_groups(training)  # progressive freezing (and finetune's frozen backbone)
+    select_examples(training)  # example selection
+    size = progressive_size(training)  # progressive resizing
+    training.model.train()
+    totals = EpochTotals(training.device)
+    if training.losses is not None:  # this epoch's measured losses, and where it measured them
+        measured = training.losses.new_zeros((2, len(training.losses)))
+    for images, labels, index in tqdm(training.loader.indexed(), total=len(training.loader),
+                                      desc=f"epoch {training.epoch + 1}/{training.epochs}",
+                                      leave=False, mininterval=2):
+        if training.step >= training.total_steps:
+            break
+        set_lr(training)
+        if size is not None:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
+        logits, loss = train_step(training, images, labels)
+        if training.losses is not None:
+            measured[0, index] = F.cross_entropy(logits.float(), labels, reduction="none")
+            measured[1, index] = 1.0
+        totals.add(training.step, logits, loss, labels)
+        training.step += 1
+        average_weights(training)  # weight averaging, every ema_every steps
+    average_weights(training, epoch_end=True)
+    if training.losses is not None:
+        record_losses(training, measured)
+    if totals.first_bad.item() >= 0:
+        raise diverged(training, totals.first_bad.item() + 1)
+    return totals.read(training.ranks)
+
+
+def train_step(training: Training, images: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(training.device, training.precision.dtype):
+        logits = training.forward(images)
+        loss = training.criterion(logits.float(), labels)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    return logits.detach(), loss.detach()
+
+
+def diverged(training: Training, step: int) -> StageError:
+    """The error for a non-finite loss, naming the precision where it was not float32."""
+    where = f"training diverged: non-finite loss at epoch {training.epoch + 1}, step {step}"
+    if training.precision.dtype is None:
+        return StageError(f"{where}; lower train.lr (the last good checkpoint is kept)")
+    return StageError(f"{where} in {training.precision.name} ({training.precision.reason}); "
+                      "set train.amp: false to train in float32, or lower train.lr "
+                      "(the last good checkpoint is kept)")
+
+
+def set_lr(training: Training) -> None:
+    """The schedule's learning rate for this step; zero (and no weight decay) for the groups
+    outside their epochs."""
+    params = training.params
+    factor = lr_factor(params.schedule, training.step, training.total_steps, params.warmup)
+    for group, spec in zip(training.groups, training.optimizer.param_groups):
+        trains = group.trains_in(training.epoch)
+        spec["lr"] = group.lr * factor if trains else 0.0
+        spec["weight_decay"] = group.weight_decay if trains else 0.0
+        spec["trains"] = trains
+
+
+def logged_lr(training: Training) -> float:
+    """The learning rate of the last step: the backbone's (zero while it is frozen), or the
+    head's where the model has nothing else."""
+    lrs = {g.name: spec["lr"] for g, spec in zip(training.groups, training.optimizer.param_groups)}
+    return lrs.get("backbone", lrs["head"])
+
+
+def start_groups(training: Training) -> None:
+    """At an epoch's start: where frozen groups get no gradients (skip_frozen), a group outside
+    its epochs stops requiring them, so backward skips what only it needed (the first conv's
+    input gradient once the stem bias stops; finetune's whole backbone while the head trains
+    alone). And a group that starts training now forgets any momentum it gathered while
+    frozen, so it starts as if it had had no gradients until now."""
+    for group in training.groups:
+        if training.skip_frozen:
+            for param in group.params:
+                param.requires_grad_(group.trains_in(training.epoch))
+        if training.epoch > 0 and group.start == training.epoch:
+            for param in group.params:
+                training.optimizer.state.pop(param, None)
+
+
+def average_weights(training: Training, epoch_end: bool = False) -> None:
+    """Every `ema_every` steps once past `ema_start`, and at each epoch's end so that the
+    epoch ends on averaged weights. (airbench instead resets to the last average there,
+    discarding up to ema_every - 1 steps: harmless at 97 steps an epoch, not at 3.)"""
+    every = training.params.ema_every
+    progress = training.step / training.total_steps
+    if every == 0 or progress < training.params.ema_start:
+        return
+    if training.average is None:
+        training.average = WeightAverage(training.model)
+    elif (training.step % every == 0) != epoch_end:  # due now; or epoch end, not just done
+        decay = EMA_DECAY_BASE ** every * progress ** EMA_DECAY_POW
+        training.average.update(training.model, decay)
+
+
+def progressive_size(training: Training) -> tuple[int, int] | None:
+    """This epoch's training image size under progressive resizing (None: full size): the
+    first epoch at `progressive_from` pixels high, growing linearly to the full height at
+    `progressive_until` of the epochs, each side rounded to a multiple of `progressive_step`
+    (never below the first). Fewer pixels, proportionally fewer FLOPs, while the network
+    learns the coarse features that need no detail."""
+    params, (height, width) = training.params, training.full_size
+    ramp = params.progressive_until * params.epochs
+    start = params.progressive_from
+    if not start or training.epoch >= ramp or start >= height:
+        return None
+    step = params.progressive_step
+    side = step * round((start + (height - start) * training.epoch / ramp) / step)
+    if side >= height:
+        return None
+    return side, round(width * side / height)
+
+
+def select_examples(training: Training) -> None:
+    """At an epoch's start from `select_from` on: train on the `select_fraction` of the set
+    with the highest loss when last seen. The easy examples the network already gets right
+    teach it little; skipping them saves their steps (airbench96's selection, scored by the
+    training steps' own losses instead of a proxy network's: stale by up to a few epochs,
+    but free)."""
+    if training.losses is None or training.epoch < training.params.select_from:
+        return
+    keep = selected_count(training.params, len(training.losses))
+    training.loader.subset = torch.topk(training.losses, keep, sorted=False).indices
+
+
+def record_losses(training: Training, measured: torch.Tensor) -> None:
+    """At an epoch's end: keep the losses it measured (row 0, where row 1 is 1). Each rank
+    measured its own share of every batch; summed over ranks, every rank keeps the same
+    vector."""
+    totals = all_sum(measured, training.ranks)
+    training.losses = torch.where(totals[1] > 0, totals[0], training.losses)
+
+
+def begin_epoch(training: Training) -> tuple[int, int] | None:
+    """An epoch's set-up as train_one_epoch does it, without training: groups started or
+    stopped, the examples selected; returns its image size (None: full size). bench.flops
+    counts a recipe by it."""
+    start_groups(training)
+    select_examples(training)
+    return progressive_size(training)
 
 
 def rng_bytes(state: torch.Tensor) -> bytes:
@@ -347,7 +388,7 @@ def warm_up(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None) -
     index = torch.arange(min(loader.batch_size, len(loader.labels)), device=loader.labels.device)
     index = index[ranks.rank::ranks.world]
     training.model.train()
-    training.train_step(loader.images[index], loader.labels[index])
+    train_step(training, loader.images[index], loader.labels[index])
     if val is not None:
         predict_logits(training.model, val[0][:training.params.eval_batch_size],
                        training.params.eval_batch_size, "none", training.precision.dtype)
@@ -408,7 +449,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         first_step, seconds_before = training.step, training.watch.seconds()
         with naming_out_of_memory(training):
             with training.watch.section():
-                epoch = training.run_epoch()
+                epoch = train_one_epoch(training)
             seconds = training.watch.seconds() - seconds_before
             training.epochs_seconds += seconds
             row = {"train/loss": epoch["loss"], "train/accuracy": epoch["accuracy"]}
@@ -422,7 +463,7 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
         save_checkpoint(checkpoint, training)
         # the timings are logged, not kept in the history: a resumed run replays equal rows
         images = (training.step - first_step) * training.params.batch_size
-        row = {**row, "lr": training.logged_lr(), "epoch_seconds": seconds,
+        row = {**row, "lr": logged_lr(training), "epoch_seconds": seconds,
                "images_per_second": images / max(seconds, 1e-9)}
         log_epoch(training.epoch - 1, row)
         print(f"epoch {training.epoch}/{training.epochs} "

@@ -27,7 +27,7 @@ class Group:
     """A set of parameters with its own learning rate, trained during epochs [start, stop).
 
     Outside those epochs its learning rate and weight decay are zero, and in one eager process
-    its parameters also stop requiring gradients (Training.start_groups), so that backward
+    its parameters also stop requiring gradients (loop.start_groups), so that backward
     skips the work only they needed."""
     name: str
     params: list[nn.Parameter]

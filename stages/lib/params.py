@@ -6,9 +6,10 @@ params.yaml; these loaders refuse it before a stage writes anything.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -23,9 +24,16 @@ Amp = Literal["auto", True, False]
 # Test-time augmentation levels, each adding views to the one before (loop.TTA_WEIGHTS); every
 # list of them (train.tta's values, evaluate's metrics) is this one.
 TTA_LEVELS = ("none", "flip", "flip_shift")
-# The names download.dataset and train.arch may take: their registries' keys
-DATASET_NAMES = tuple(DATASETS)
-ARCH_NAMES = tuple(ARCHS)
+# download.dataset and train.arch: a name in a registry (datasets.DATASETS, archs.ARCHS),
+# looked up when params are checked, so that a registered name is accepted wherever it is added
+@dataclasses.dataclass(frozen=True, eq=False)
+class Registered:
+    """An Annotated mark: the value must be a key of `registry` (hashed by identity)."""
+    registry: dict
+
+
+DatasetName = Annotated[str, Registered(DATASETS)]
+ArchName = Annotated[str, Registered(ARCHS)]
 
 
 class ParamsError(StageError):
@@ -34,7 +42,7 @@ class ParamsError(StageError):
 
 @dataclasses.dataclass(frozen=True)
 class DownloadParams:
-    dataset: Literal[DATASET_NAMES]
+    dataset: DatasetName
     # None: the dataset's official location; else a mirror (URL or local path). For `folder`:
     # the user's folder, or a .tar / .tar.gz / .zip of one (a path, file:// or http(s) URL)
     url: str | None
@@ -87,7 +95,7 @@ class PreprocessParams:
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
     seed: int  # draws the initial weights, the batch order and the augmentations
-    arch: Literal[ARCH_NAMES]
+    arch: ArchName
     epochs: float  # may be fractional, as airbench's 9.9: the last epoch stops early
     batch_size: int
     optimizer: Literal["sgd", "adam", "muon"]  # muon: conv filters by Muon, the rest by SGD
@@ -193,7 +201,7 @@ class FinetuneParams:
     """Finetune runs train's loop; the loop knobs not listed here come from the train section."""
     init: str  # state_dict file to start from; also a dep of the stage in dvc.yaml
     # only for a bare state_dict: a model this project saved names its arch in its model.json
-    arch: Literal[ARCH_NAMES] | None
+    arch: ArchName | None
     epochs: float
     batch_size: int
     lr: float  # backbone learning rate
@@ -275,14 +283,16 @@ def build(cls: type, raw: object, section: str) -> Any:
     """Build dataclass `cls` from `raw`, checking keys, types and ranges; names keys in full."""
     if not isinstance(raw, dict):
         raise ParamsError(f"params: {section} must be a mapping of keys, found {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     full = {name: f"{section}.{name}" if section else name for name in names}
     unknown = sorted(set(raw) - set(names))
     if unknown:
         found = [f"{section}.{k}" if section else str(k) for k in unknown]
+        guesses = [g for g in (closest(str(k), section, names) for k in unknown) if g]
+        hint = f"did you mean {', '.join(guesses)}? " if guesses else ""
         raise ParamsError(f"params: unknown key(s) {found} (a typo in params.yaml or in "
-                          f"`dvc exp run -S`?); expected {list(full.values())}")
+                          f"`dvc exp run -S`?); {hint}expected {list(full.values())}")
     missing = [full[k] for k in names if k not in raw]
     if missing:
         raise ParamsError(f"params: missing key(s) {missing}; see the README's Params section")
@@ -292,7 +302,17 @@ def build(cls: type, raw: object, section: str) -> Any:
     return params
 
 
+def closest(key: str, section: str, names: list[str]) -> str | None:
+    """The known key, in full, closest to an unknown one (None: none is close)."""
+    close = difflib.get_close_matches(key, names, n=1)
+    return (f"{section}.{close[0]}" if section else close[0]) if close else None
+
+
 def _convert(hint: Any, value: object, key: str) -> object:
+    if typing.get_origin(hint) is Annotated:  # a name in the registry it is annotated with
+        registry = hint.__metadata__[0].registry
+        _require(type(value) is str and value in registry, key, f"one of {list(registry)}", value)
+        return value
     options = typing.get_args(hint)
     if type(None) in options:  # X | None, or X | Y | None
         if value is None:

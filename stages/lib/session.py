@@ -1,5 +1,6 @@
-"""A training run as train and finetune both do it: data on the device, the loop, DVCLive
-curves, and the saved model (state_dict + JSON sidecar) and metrics."""
+"""A training stage's session, as train and finetune both run one: its command-line paths, its
+environment (ranks, device, precision, clock), the checkpoint's fingerprint, DVCLive's
+per-epoch log, the final metrics, and the saved model and metrics file."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +21,18 @@ from stages.lib.clock import Stopwatch
 from stages.lib.data import Data
 from stages.lib.devices import announce, hardware, pick_precision
 from stages.lib.inference import loss_and_accuracy, predict_levels
-from stages.lib.loop import Checkpoint, Env, Training, final_levels, fit, training_loader
-from stages.lib.optim import Group
+from stages.lib.loop import Env, Training, final_levels
 from stages.lib.outputs import write_json
 from stages.lib.params import TrainParams
 from stages.lib.ranks import start, stop
 
 
-def fingerprint(*parts: object) -> str:
-    """A stable hash of params and data identity, to tell a checkpoint of this run."""
-    text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def fingerprint(params: TrainParams, data: Data, env: Env, recorded: dict | None = None) -> str:
+    """A stable hash of the run's params (with the stage's own, `recorded`), data identity,
+    ranks, device and precision, to tell a checkpoint of this run."""
+    parts = [dataclasses.asdict(params), data.fingerprint, recorded or {}, env.ranks.world,
+             env.device.type, env.precision.name]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -66,29 +67,18 @@ def training_env(params: TrainParams) -> Iterator[Env]:
         stop(done)
 
 
-def print_summary(name: str, metrics: dict, env: Env) -> None:
-    if env.ranks.main:
-        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+def print_summary(name: str, metrics: dict) -> None:
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
 
-def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, data: Data,
-                   env: Env, outputs: Outputs, recorded: dict, report: dict) -> dict:
-    """Run the loop, then write model.pt, model.json and the metrics file; returns the metrics.
-
-    `recorded` holds the stage's own params beyond `params` (saved in model.json, and part of
-    the checkpoint fingerprint); `report` is added to the metrics file as it is. Under
-    torchrun only rank 0 logs and writes; the other ranks return empty metrics.
-    """
-    ranks, device, precision = env.ranks, env.device, env.precision
-    loader = training_loader(params, data.train_images, data.train_labels, params.seed, ranks)
-    training = Training(model, groups, params, loader, env)
-    checkpoint = Checkpoint(outputs.checkpoint,
-                            fingerprint(params, data.fingerprint, recorded, ranks.world,
-                                        device.type, precision.name))
-    if not ranks.main:
-        fit(training, None, checkpoint, lambda epoch, row: None)
-        return {}
-    with Live(str(outputs.live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+@contextlib.contextmanager
+def epoch_logger(live_dir: Path, training: Training) -> Iterator[Callable[[int, dict], None]]:
+    """fit's per-epoch log: each row, and the weight and gradient histograms, to DVCLive in
+    `live_dir` (rank 0 alone; the other ranks log nothing)."""
+    if not training.ranks.main:
+        yield lambda epoch, row: None
+        return
+    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         histograms: dict[str, list[dict]] = {"weights": [], "gradients": []}
 
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
@@ -103,21 +93,25 @@ def train_and_save(model: nn.Module, groups: list[Group], params: TrainParams, d
                     live.log_plot(kind, histograms[kind], x="value", y="count", template="histograms")
             live.next_step()  # writes the summary; DVC's tools see each epoch as it ends
 
-        fit(training, data.val, checkpoint, log_epoch)
-    metrics = final_metrics(training, data, params)
-    metrics["wall_seconds"] = round(env.watch.wall_seconds(), 2)
-    machine = hardware(device, precision)
+        yield log_epoch
+
+
+def save_trained(training: Training, data: Data, outputs: Outputs, metrics: dict,
+                 recorded: dict | None = None, report: dict | None = None) -> None:
+    """model.pt and model.json (the params, the stage's own `recorded` among them, and the
+    metrics but their timings), then the metrics file (with the machine and `report`); the
+    checkpoint goes, so that a rerun (`dvc repro -f`) trains afresh."""
+    params = training.params
+    machine = hardware(training.device, training.precision)
     # no timings in model.json: the same weights make the same folder, and nothing downstream
     # of it goes stale (they are in the metrics file)
-    save_model(model, outputs.model_dir, ModelCard(
+    save_model(training.model, outputs.model_dir, ModelCard(
         arch=params.arch, classes=data.classes, normalization=data.normalization,
         input_size=list(data.train_images.shape[-2:]),
-        params={**dataclasses.asdict(params), **recorded},
+        params={**dataclasses.asdict(params), **(recorded or {})},
         metrics={k: v for k, v in metrics.items() if k not in TIMINGS}, hardware=machine))
-    write_json(outputs.metrics, {**metrics, **machine, **report})
-    # done: a rerun (`dvc repro -f`) trains afresh instead of resuming a finished run
+    write_json(outputs.metrics, {**metrics, **machine, **(report or {})})
     outputs.checkpoint.unlink(missing_ok=True)
-    return metrics
 
 
 TIMINGS = ("train_seconds", "images_per_second", "wall_seconds")
@@ -144,9 +138,11 @@ def layer_histograms(model: nn.Module, epoch: int) -> dict[str, list[dict]]:
     return rows
 
 
-def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
+def final_metrics(training: Training, data: Data) -> dict:
     """Validation at every level up to `tta` (timed: airbench counts its final evaluation),
-    then the times: `train_seconds` counts the timed sections, `images_per_second` the epochs."""
+    then the times: `train_seconds` counts the timed sections, `images_per_second` the epochs,
+    `wall_seconds` the whole stage."""
+    params = training.params
     metrics: dict = {"epochs": params.epochs, "steps": training.step}
     if data.val is not None:
         levels = final_levels(params)
@@ -163,4 +159,5 @@ def final_metrics(training: Training, data: Data, params: TrainParams) -> dict:
     metrics["train_seconds"] = round(training.watch.seconds(), 2)
     images_seen = training.step * params.batch_size
     metrics["images_per_second"] = round(images_seen / max(training.epochs_seconds, 1e-9), 1)
+    metrics["wall_seconds"] = round(training.watch.wall_seconds(), 2)
     return metrics
