@@ -101,6 +101,9 @@ def misclassified_grid(pack: Pack, labels: torch.Tensor, predictions: torch.Tens
     return grid
 
 
+MACHINE_FILE = "machine.json"  # the device, CPU and precision evaluate scored on
+
+
 def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: list[Path],
              params: EvaluateParams) -> None:
     device = pick_device(params.device)
@@ -136,7 +139,9 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
                                params.misclassified).save(out / "misclassified.png")
             print(f"evaluate {model_dir}: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6])
                   + f" (scored in {seconds:.1f} s)")
-            results[model_dir.name] = {**metrics, **machine}
+            results[model_dir.name] = metrics
+        # where it was scored, beside the plots: the metrics files hold only what compares
+        write_json(plots_tmp / MACHINE_FILE, machine)
     for name, metrics in results.items():
         write_json(metrics_dir / f"{name}.json", metrics)
 

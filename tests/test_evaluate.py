@@ -39,6 +39,7 @@ def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_pat
         assert metrics["accuracy"] == pytest.approx(sum(per_class.values()) / 10, abs=1e-4)  # 2 per class
         assert not any(key.startswith("accuracy_") and key[9:] in CLASSES for key in metrics)
         assert {"loss", "macro_f1", "accuracy_tta_flip", "accuracy_tta_flip_shift"} <= set(metrics)
+        assert all(isinstance(v, (int, float)) for v in metrics.values())  # numbers that compare
         with open(tmp_path / "plots" / name / "confusion.csv") as f:
             rows = list(csv.DictReader(f))
         # every (actual, predicted) pair, zeros included: every class stays on both axes
@@ -48,3 +49,5 @@ def test_evaluate_writes_metrics_and_plots_per_model(image_folder: Path, tmp_pat
         assert all(counts[c, c] == round(2 * per_class[c]) for c in CLASSES)
         grid = Image.open(tmp_path / "plots" / name / "misclassified.png")
         assert grid.width == 8 * 96 and grid.height == 96 + 14
+    machine = json.loads((tmp_path / "plots" / "machine.json").read_text())
+    assert machine["device"] == "cpu" and machine["precision"] == "float32"

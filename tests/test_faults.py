@@ -19,7 +19,7 @@ from stages.extract import extract
 from stages.lib import loop
 from stages.lib.datasets import DATASETS
 from stages.lib.loop import Checkpoint, fit
-from stages.lib.outputs import StageError
+from stages.lib.outputs import StageError, atomic_dir
 from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, dumps_py2, unpickle_trusted, write_tarball
@@ -178,3 +178,18 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path, imag
     assert whole["val_accuracy"] == killed["val_accuracy"] and whole["val_loss"] == killed["val_loss"]
     curve = (cwd / "dvclive/killed/plots/metrics/train/loss.tsv").read_text()
     assert curve == (cwd / "dvclive/whole/plots/metrics/train/loss.tsv").read_text()
+
+
+def test_a_killed_runs_scratch_is_swept_by_the_next_run_and_a_live_ones_is_kept(tmp_path) -> None:
+    dest = tmp_path / "images"
+    dead = tmp_path / f".images.{2 ** 31 - 2}.abc123.tmp"  # no process has that pid
+    dead.mkdir()
+    (dead / "0001.png").write_bytes(b"partial")
+    live = tmp_path / f".images.{os.getpid()}.def456.tmp"  # a running process's
+    live.mkdir()
+    other = tmp_path / ".metrics.json.1.x.tmp"  # another output's scratch: not this one's to sweep
+    other.write_text("{}")
+    with atomic_dir(dest) as tmp:
+        assert tmp.name.startswith(f".images.{os.getpid()}.")
+        (tmp / "a.png").write_bytes(b"png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, live.name, other.name])

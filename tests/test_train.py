@@ -48,11 +48,13 @@ def test_train_stage_is_deterministic_on_cpu(tmp_path: Path, image_folder: Path)
     metrics = json.loads((cwd / "metrics/a.json").read_text())
     assert metrics["epochs"] == 2.0 and 0 <= metrics["val_accuracy"] <= 1
     precision = pick_precision(torch.device("cpu"), "auto")
-    assert metrics["precision"] == precision.name and metrics["precision_reason"] == precision.reason
-    assert metrics["device"] == "cpu" and metrics["cpu_flags"] == " ".join(cpu_flags())
+    # only numbers that compare: the machine is in model.json
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert 0 < metrics["train_seconds"] < metrics["wall_seconds"]
     sidecar = json.loads((cwd / "models/a/model.json").read_text())
     assert sidecar["hardware"]["precision"] == precision.name
+    assert sidecar["hardware"]["precision_reason"] == precision.reason
+    assert sidecar["hardware"]["device"] == "cpu" and sidecar["hardware"]["cpu_flags"] == " ".join(cpu_flags())
     assert sidecar["classes"][0] == "airplane" and sidecar["params"]["arch"] == "airbench"
     assert len(sidecar["normalization"]["mean"]) == 3
     curves = (cwd / "dvclive/a/plots/metrics/val/accuracy.tsv").read_text().splitlines()

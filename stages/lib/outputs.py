@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,11 +37,41 @@ def storage_errors(dest: Path) -> Iterator[None]:
                          "free space and rerun: nothing partial was kept") from None
 
 
+def scratch_prefix(dest: Path) -> str:
+    """The name start of `dest`'s temporary siblings: `.NAME.PID.`, so that a later run can
+    tell a killed run's scratch from a running one's."""
+    return f".{dest.name}.{os.getpid()}."
+
+
+def sweep_scratch(dest: Path) -> None:
+    """Remove the temporary siblings of `dest` that a killed run left (`.NAME.PID.*.tmp` whose
+    process is gone), and only those: a running process's scratch stays."""
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        pid = path.name[len(dest.name) + 2:].split(".")[0]
+        if pid.isdigit() and process_alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside `dest`; on success it replaces `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    sweep_scratch(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         with storage_errors(dest):
             yield tmp
@@ -55,7 +87,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is fsynced and renamed to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    sweep_scratch(dest)
+    fd, name = tempfile.mkstemp(prefix=scratch_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -75,10 +108,15 @@ def write_json(dest: Path, data: object) -> None:
 
 
 def stage_main(main: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a stage's main(): an expected failure prints one `error:` line and exits 1."""
+    """Wrap a stage's main(): `-h` or `--help` alone prints the stage's docstring (its usage)
+    and exits 0, before anything is read; an expected failure prints one `error:` line and
+    exits 1."""
 
     @functools.wraps(main)
     def wrapper() -> None:
+        if sys.argv[1:] in (["-h"], ["--help"]):
+            print(sys.modules[main.__module__].__doc__)
+            raise SystemExit(0)
         try:
             main()
         except StageError as err:

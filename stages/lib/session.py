@@ -98,9 +98,9 @@ def epoch_logger(live_dir: Path, training: Training) -> Iterator[Callable[[int, 
 
 def save_trained(training: Training, data: Data, outputs: Outputs, metrics: dict,
                  recorded: dict | None = None, report: dict | None = None) -> None:
-    """model.pt and model.json (the params, the stage's own `recorded` among them, and the
-    metrics but their timings), then the metrics file (with the machine and `report`); the
-    checkpoint goes, so that a rerun (`dvc repro -f`) trains afresh."""
+    """model.pt and model.json (the params, the stage's own `recorded` among them, the metrics
+    but their timings, and the machine), then the metrics file (the numbers that compare,
+    with `report`); the checkpoint goes, so that a rerun (`dvc repro -f`) trains afresh."""
     params = training.params
     machine = hardware(training.device, training.precision)
     # no timings in model.json: the same weights make the same folder, and nothing downstream
@@ -110,7 +110,7 @@ def save_trained(training: Training, data: Data, outputs: Outputs, metrics: dict
         input_size=list(data.train_images.shape[-2:]),
         params={**dataclasses.asdict(params), **(recorded or {})},
         metrics={k: v for k, v in metrics.items() if k not in TIMINGS}, hardware=machine))
-    write_json(outputs.metrics, {**metrics, **machine, **(report or {})})
+    write_json(outputs.metrics, {**metrics, **(report or {})})
     outputs.checkpoint.unlink(missing_ok=True)
 
 
