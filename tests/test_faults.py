@@ -19,7 +19,7 @@ from stages.extract import extract
 from stages.lib import loop
 from stages.lib.datasets import DATASETS
 from stages.lib.loop import Checkpoint, fit
-from stages.lib.outputs import StageError, atomic_dir
+from stages.lib.outputs import StageError, atomic_dir, stage_main, write_json
 from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, dumps_py2, unpickle_trusted, write_tarball
@@ -193,3 +193,25 @@ def test_a_killed_runs_scratch_is_swept_by_the_next_run_and_a_live_ones_is_kept(
         assert tmp.name.startswith(f".images.{os.getpid()}.")
         (tmp / "a.png").write_bytes(b"png")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, live.name, other.name])
+
+
+def test_an_output_is_refused_when_params_yaml_changed_under_the_stage(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 11\n")
+
+    @stage_main
+    def main() -> None:
+        (tmp_path / "params.yaml").write_text("train:\n  seed: 12\n")  # another `dvc exp run -S`
+        write_json(tmp_path / "metrics.json", {"seed": 11})
+
+    with pytest.raises(SystemExit, match=r"params.yaml changed while this stage ran: another "
+                                         r"`dvc exp run` in this workspace\? Nothing was written"):
+        main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no output, no scratch
+
+    @stage_main
+    def unchanged() -> None:
+        write_json(tmp_path / "metrics.json", {"seed": 12})
+
+    unchanged()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"seed": 12}

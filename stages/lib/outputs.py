@@ -5,6 +5,7 @@ A failed stage then leaves nothing that DVC or the next stage could take for a r
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import glob
@@ -23,6 +24,29 @@ STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size 
 
 class StageError(Exception):
     """An expected failure (bad input, bad params, full disk): one message, exit status 1."""
+
+
+# params.yaml's path and bytes as a stage read them at its start (stage_main sets them): every
+# output is checked against them before it is renamed into place
+PARAMS_READ: contextvars.ContextVar[tuple[Path, bytes] | None] = contextvars.ContextVar(
+    "PARAMS_READ", default=None)
+
+
+def check_params_unchanged() -> None:
+    """Stop, before an output lands, if params.yaml changed since the stage started: the
+    result would be recorded under params it was not made with."""
+    read = PARAMS_READ.get()
+    if read is None:
+        return
+    path, content = read
+    try:
+        now = path.read_bytes()
+    except OSError:
+        now = None
+    if now != content:
+        raise StageError(f"{path} changed while this stage ran: another `dvc exp run` in this "
+                         "workspace? Nothing was written. Run experiments side by side with "
+                         "`dvc exp run --queue` and `dvc queue start`")
 
 
 @contextlib.contextmanager
@@ -75,6 +99,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     try:
         with storage_errors(dest):
             yield tmp
+        check_params_unchanged()
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -96,6 +121,7 @@ def atomic_file(dest: Path) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        check_params_unchanged()
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -117,9 +143,13 @@ def stage_main(main: Callable[[], None]) -> Callable[[], None]:
         if sys.argv[1:] in (["-h"], ["--help"]):
             print(sys.modules[main.__module__].__doc__)
             raise SystemExit(0)
+        params = Path("params.yaml").resolve()
+        token = PARAMS_READ.set((params, params.read_bytes()) if params.is_file() else None)
         try:
             main()
         except StageError as err:
             raise SystemExit(f"error: {err}") from None
+        finally:
+            PARAMS_READ.reset(token)
 
     return wrapper
