@@ -52,7 +52,7 @@ bench: setup
 
 # A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the committed
 # params.yaml with presets/<name>.yaml applied, checked, and passed to `dvc exp run -S` (keys a
-# previous experiment left changed in params.yaml are reset). The README's Tutorials section
+# previous experiment left changed in params.yaml are reset). docs/params.md's Tutorials section
 # lists them with measured results.
 tutorial-%: setup
 	mkdir -p .dvc/tmp && git show HEAD:params.yaml > .dvc/tmp/params-HEAD.yaml

@@ -38,7 +38,7 @@ CHUNK = 1 << 20
 BACKOFF_SECONDS = 1.0  # first wait between attempts; doubles each time, at most 30 s
 OFFLINE_HINT = ("if this machine is offline, copy the data set's files locally and point "
                 "download.url at them (a file:// URL or a plain path) with their md5 in "
-                "download.md5; see the README's 'Offline data' section")
+                "download.md5; see docs/setup.md, 'Offline data'")
 
 
 class RetryableError(Exception):

@@ -295,7 +295,7 @@ def build(cls: type, raw: object, section: str) -> Any:
                           f"`dvc exp run -S`?); {hint}expected {list(full.values())}")
     missing = [full[k] for k in names if k not in raw]
     if missing:
-        raise ParamsError(f"params: missing key(s) {missing}; see the README's Params section")
+        raise ParamsError(f"params: missing key(s) {missing}; see docs/params.md")
     values = {name: _convert(hints[name], raw[name], full[name]) for name in names}
     params = cls(**values)
     params.check(section)
