@@ -84,6 +84,20 @@ def test_unreadable_params_file_is_named(tmp_path: Path) -> None:
         load_params(path)
 
 
+def test_a_preset_keeps_the_local_copy_make_local_data_pointed_at(tmp_path: Path) -> None:
+    from stages.lib.params import preset_overrides
+
+    base, mirror = ROOT / "params.yaml", {"train-images-idx3-ubyte.gz": "0" * 32}
+    local = write_params(tmp_path, lambda p: p["download"].update(
+        dataset="mnist", url="file:///data/mnist/", md5=mirror))
+    overrides = preset_overrides(ROOT / "presets" / "mnist_mlp.yaml", base, local)
+    assert not any(o.startswith(("download.url", "download.md5")) for o in overrides)
+    # a copy of another data set is not this preset's: back to the official location
+    cifar = write_params(tmp_path, lambda p: p["download"].update(url="file:///data/cifar.tar.gz"))
+    overrides = preset_overrides(ROOT / "presets" / "mnist_mlp.yaml", base, cifar)
+    assert "download.url=null" in overrides
+
+
 def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp_path: Path) -> None:
     from stages.lib.params import preset_overrides
 

@@ -375,14 +375,24 @@ def _require(ok: bool, key: str, expected: str, found: object) -> None:
                           f"(fix it in params.yaml or in `dvc exp run -S {key}=...`)")
 
 
+LOCATION = ("url", "md5")  # download's keys that locate the data set's files
+
+
 def preset_overrides(preset: Path, base: Path, workspace: Path = PARAMS_FILE) -> list[str]:
     """`dvc exp run -S` arguments that turn `workspace` into `base` with a preset applied (a
     YAML file of sections and keys, e.g. presets/mnist_mlp.yaml), checked to load first. Keys
     that `workspace` holds differently from `base` are reset too: `dvc exp run` leaves the
-    last experiment's values in params.yaml, and a preset is defined on the committed file."""
+    last experiment's values in params.yaml, and a preset is defined on the committed file.
+    Not download.url and .md5 while the workspace names the preset's data set: they say where
+    this machine gets it (`make local-data`), not how the recipe trains."""
     overrides = read_yaml(preset)
     target = with_preset(preset, base)
     current = read_yaml(workspace)
+    here, wanted = current.get("download", {}), target["download"]
+    if here.get("dataset") == wanted["dataset"]:  # where this machine gets that data set stays
+        for key in LOCATION:
+            if key not in overrides.get("download", {}) and key in here:
+                wanted[key] = here[key]
     return [f"{section}.{key}={override_text(value)}"
             for section, keys in target.items() for key, value in keys.items()
             if key in overrides.get(section, {}) or current.get(section, {}).get(key) != value]
