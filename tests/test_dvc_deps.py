@@ -4,11 +4,24 @@ to date while its code changed."""
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import yaml
 
 from stages.lib.archs import ARCHS
 from tests.conftest import ROOT
+
+
+def imported_names(path: Path) -> list[str]:
+    """Every module name `path` imports anywhere in it (function-level imports too), and for
+    `from m import n` also `m.n`, which may be a module."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+    return names
 
 
 def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
@@ -18,16 +31,9 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
     if path in found or not (ROOT / path).exists():
         return found
     found.add(path)
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            candidates = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            candidates = [alias.name for alias in node.names]
-        else:
-            continue
-        for name in candidates:
-            if name.startswith("stages."):
-                stage_imports(name, found)
+    for name in imported_names(ROOT / path):
+        if name.startswith("stages."):
+            stage_imports(name, found)
     if path == "stages/lib/nets.py":  # build_model imports the registered architectures' modules
         for target in ARCHS.values():
             stage_imports(target.split(":")[0], found)

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.test_dvc_deps import imported_names
 
 MAX_LINES, MAX_PARAMS = 40, 6
 
@@ -30,17 +31,8 @@ def test_no_stage_function_is_over_40_lines_or_6_parameters() -> None:
 
 
 def module_imports(path: Path) -> set[str]:
-    """The project modules `path` imports anywhere in it (function-level imports too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        found |= {n for n in names if (ROOT / f"{n.replace('.', '/')}.py").exists()}
-    return found
+    """The project modules `path` imports anywhere in it."""
+    return {n for n in imported_names(path) if (ROOT / f"{n.replace('.', '/')}.py").exists()}
 
 
 def test_no_import_circle_between_the_projects_modules() -> None:
