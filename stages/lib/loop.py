@@ -129,6 +129,7 @@ class Training:
         self.epoch = 0
         self.average: WeightAverage | None = None
         self.history: list[dict[str, float]] = []
+        self.histograms: list[dict[str, list[dict]]] = []  # per epoch, as the logger drew them
         # the last epoch's validation logits per final level (None: not computed in this process)
         self.final_logits: dict[str, torch.Tensor] | None = None
         self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
@@ -140,6 +141,7 @@ class Training:
             "scaler": self.scaler.state_dict(),
             "average": None if self.average is None else self.average.average,
             "step": self.step, "epoch": self.epoch, "history": self.history,
+            "histograms": self.histograms,
             "loader_epoch": self.loader.epoch, "train_seconds": self.watch.seconds(),
             "epochs_seconds": self.epochs_seconds,
             "losses": None if self.losses is None else self.losses.cpu(),
@@ -159,6 +161,7 @@ class Training:
             self.average = WeightAverage(self.model)
             self.average.average = {k: v.to(self.device) for k, v in state["average"].items()}
         self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
+        self.histograms = state["histograms"]
         self.loader.epoch = state["loader_epoch"]
         self.watch.restore(state["train_seconds"])
         self.epochs_seconds = state["epochs_seconds"]
@@ -456,16 +459,16 @@ def fit(training: Training, val: tuple[torch.Tensor, torch.Tensor] | None,
             if main and val is not None and validation_due(training):
                 logits = validate(training, val[0])["none"]
                 row["val/loss"], row["val/accuracy"] = loss_and_accuracy(logits, val[1])
+            row["lr"] = logged_lr(training)
         training.history.append(row)
         training.epoch += 1
         if not main:
             continue
-        save_checkpoint(checkpoint, training)
         # the timings are logged, not kept in the history: a resumed run replays equal rows
         images = (training.step - first_step) * training.params.batch_size
-        row = {**row, "lr": logged_lr(training), "epoch_seconds": seconds,
-               "images_per_second": images / max(seconds, 1e-9)}
-        log_epoch(training.epoch - 1, row)
+        row = {**row, "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
+        log_epoch(training.epoch - 1, row)  # first: it may keep the epoch's plots in training
+        save_checkpoint(checkpoint, training)
         print(f"epoch {training.epoch}/{training.epochs} "
               + " ".join(f"{k} {v:.4g}" for k, v in row.items())
               + f" (training {training.watch.seconds():.1f} s)")

@@ -79,7 +79,6 @@ def epoch_logger(live_dir: Path, training: Training) -> Iterator[Callable[[int, 
         yield lambda epoch, row: None
         return
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        histograms: dict[str, list[dict]] = {"weights": [], "gradients": []}
 
         def log_epoch(epoch: int, row: dict[str, float]) -> None:
             # DVCLive's step counts epochs from 1, the x axis of the `epochs` plots (a fractional
@@ -87,10 +86,11 @@ def epoch_logger(live_dir: Path, training: Training) -> Iterator[Callable[[int, 
             live.step = epoch + 1
             for key, value in row.items():
                 live.log_metric(key, value)
-            if epoch == training.epoch - 1:  # the model is this epoch's (a replayed one: the last)
-                for kind, points in layer_histograms(training.model, epoch + 1).items():
-                    histograms[kind].extend(points)
-                    live.log_plot(kind, histograms[kind], x="value", y="count", template="histograms")
+            if epoch == len(training.histograms):  # a new epoch: the model is its own
+                training.histograms.append(layer_histograms(training.model, epoch + 1))
+            for kind in ("weights", "gradients"):  # every epoch's so far, replayed ones too
+                points = [p for drawn in training.histograms[:epoch + 1] for p in drawn[kind]]
+                live.log_plot(kind, points, x="value", y="count", template="histograms")
             live.next_step()  # writes the summary; DVC's tools see each epoch as it ends
 
         yield log_epoch
