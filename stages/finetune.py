@@ -1,4 +1,4 @@
-"""finetune: a state_dict file + data/images -> models/finetune/{model.pt,model.json},
+"""finetune: a state_dict file + data/packed -> models/finetune/{model.pt,model.json},
 metrics/finetune.json, DVCLive curves
 
 usage: python -m stages.finetune PACKED_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT

@@ -1,4 +1,4 @@
-"""train: data/images -> models/train/{model.pt,model.json}, metrics/train.json, DVCLive curves
+"""train: data/packed -> models/train/{model.pt,model.json}, metrics/train.json, DVCLive curves
 
 usage: python -m stages.train PACKED_DIR MODEL_DIR METRICS_JSON LIVE_DIR CHECKPOINT
 

@@ -27,11 +27,16 @@ from stages.lib.params import TrainParams
 from stages.lib.ranks import start, stop
 
 
+# What a checkpoint holds; a new one when that changes, so that an older file starts afresh
+# instead of failing to load (2: the per-epoch histograms and lr in the history)
+CHECKPOINT_FORMAT = 2
+
+
 def fingerprint(params: TrainParams, data: Data, env: Env, recorded: dict | None = None) -> str:
     """A stable hash of the run's params (with the stage's own, `recorded`), data identity,
     ranks, device and precision, to tell a checkpoint of this run."""
     parts = [dataclasses.asdict(params), data.fingerprint, recorded or {}, env.ranks.world,
-             env.device.type, env.precision.name]
+             env.device.type, env.precision.name, CHECKPOINT_FORMAT]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
