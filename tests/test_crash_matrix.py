@@ -59,11 +59,16 @@ FULL = [f"{point}:{n}" for point in ("early", "rename") for n in (1, 2, 3)]
 OUTPUT_ROOTS = ("data", "models", "metrics", "plots", "dvclive", "checkpoints")
 
 
+PIPELINE = ("download", "extract", "preprocess", "train", "finetune", "export", "evaluate")
+
+
 def stage_commands() -> dict[str, list[str]]:
-    """Each stage's command line from dvc.yaml, `${download.dataset}` filled in."""
+    """Each stage's command line from dvc.yaml, `${download.dataset}` filled in, in the order
+    the pipeline runs them (dvc.yaml lists evaluate early, for its metrics' sake)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return {name: stage["cmd"].replace("${download.dataset}", "cifar10").split()
-            for name, stage in stages.items()}
+    assert sorted(stages) == sorted(PIPELINE)
+    return {name: stages[name]["cmd"].replace("${download.dataset}", "cifar10").split()
+            for name in PIPELINE}
 
 
 def workspace(path: Path, tarball: tuple[Path, str]) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,7 +86,20 @@ def test_dvc_repro_preprocess_builds_the_image_folder_once(project: Path, tarbal
     assert dvc(repo, "status", "-q", "preprocess", check=False).returncode == 0
 
 
-def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> None:
+def readme_outputs() -> list[str]:
+    """The paths the README's "What you get" says `make repro` leaves ({a,b} expanded)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## What you get"):text.index("How long and how accurate")]
+    paths = []
+    for quoted in re.findall(r"`([a-z]+/[^`]*)`", section):
+        if quoted.split("/")[0] not in ("data", "models", "metrics", "plots", "dvclive"):
+            continue
+        head, braces, tail = re.match(r"([^{]*)(?:\{([^}]*)\})?(.*)", quoted).groups()
+        paths += [f"{head}{choice}{tail}" for choice in (braces.split(",") if braces else [""])]
+    return paths
+
+
+def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball, monkeypatch) -> None:
     repo = init_repo(project, tarball)
     first = dvc(repo, "repro")
     for stage in ("download", "extract", "preprocess", "train", "finetune", "export", "evaluate"):
@@ -99,6 +113,8 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     assert (repo / "models" / "export" / "model.pt2").is_file()
     report = json.loads((repo / "metrics" / "finetune.json").read_text())["init_report"]
     assert report["reinitialised"] == [] and "head.weight" in report["loaded"]
+    promised = readme_outputs()
+    assert len(promised) >= 10 and [p for p in promised if not (repo / p).exists()] == []
 
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
@@ -123,6 +139,10 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball) -> 
     for stage in ("train", "finetune", "export", "evaluate"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in repeated.stdout
     assert "Running stage" not in repeated.stdout
+    # a plain `dvc exp show` on a 200-column terminal: the test accuracy is the first metric
+    monkeypatch.setenv("COLUMNS", "200")
+    plain = dvc(repo, "exp", "show", "--no-pager").stdout
+    assert "metrics/eval/finetune.json:accuracy" in plain.splitlines()[1]
     assert not (repo / "checkpoints").exists() or not list((repo / "checkpoints").iterdir())
     forced = dvc(repo, "repro", "-f", "train")
     assert "Running stage 'train'" in forced.stdout and "resuming" not in forced.stdout
