@@ -22,13 +22,13 @@ import torch
 from stages.lib.card import ModelCard, load_weights
 from stages.lib.data import Data, load_data
 from stages.lib.devices import memory_budget
+from stages.lib.harness import (epoch_logger, final_metrics, fingerprint, print_summary,
+                                save_trained, stage_paths, training_env)
 from stages.lib.loop import Checkpoint, Env, Training, fit, training_loader
 from stages.lib.nets import Architecture, build_model
 from stages.lib.optim import Rates, param_groups
 from stages.lib.outputs import StageError, stage_main
 from stages.lib.params import Params, TrainParams, load_params
-from stages.lib.session import (epoch_logger, final_metrics, fingerprint, print_summary,
-                                save_trained, stage_paths, training_env)
 
 PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 

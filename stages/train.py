@@ -11,13 +11,13 @@ import torch
 
 from stages.lib.data import load_data
 from stages.lib.devices import memory_budget
+from stages.lib.harness import (epoch_logger, final_metrics, fingerprint, print_summary,
+                                save_trained, stage_paths, training_env)
 from stages.lib.loop import Checkpoint, Training, fit, training_loader
 from stages.lib.nets import fresh_model
 from stages.lib.optim import scratch_groups
 from stages.lib.outputs import stage_main
 from stages.lib.params import load_params
-from stages.lib.session import (epoch_logger, final_metrics, fingerprint, print_summary,
-                                save_trained, stage_paths, training_env)
 
 
 @stage_main

@@ -1,4 +1,4 @@
-"""A training stage's session, as train and finetune both run one: its command-line paths, its
+"""The harness of a training stage, as train and finetune both use it: its command-line paths, its
 environment (ranks, device, precision, clock), the checkpoint's fingerprint, DVCLive's
 per-epoch log, the final metrics, and the saved model and metrics file."""
 from __future__ import annotations
@@ -25,7 +25,6 @@ from stages.lib.loop import Env, Training, final_levels
 from stages.lib.outputs import write_json
 from stages.lib.params import TrainParams
 from stages.lib.ranks import start, stop
-
 
 # What a checkpoint holds; a new one when that changes, so that an older file starts afresh
 # instead of failing to load (2: the per-epoch histograms and lr in the history)
