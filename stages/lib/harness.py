@@ -20,8 +20,8 @@ from stages.lib.card import ModelCard, save_model
 from stages.lib.clock import Stopwatch
 from stages.lib.data import Data
 from stages.lib.devices import announce, hardware, pick_precision
-from stages.lib.inference import loss_and_accuracy, predict_levels
-from stages.lib.loop import Env, Training, final_levels
+from stages.lib.inference import loss_and_accuracy
+from stages.lib.loop import Env, Training, final_levels, final_validation
 from stages.lib.outputs import write_json
 from stages.lib.params import TrainParams
 from stages.lib.ranks import start, stop
@@ -92,9 +92,10 @@ def epoch_logger(live_dir: Path, training: Training) -> Iterator[Callable[[int, 
                 live.log_metric(key, value)
             if epoch == len(training.histograms):  # a new epoch: the model is its own
                 training.histograms.append(layer_histograms(training.model, epoch + 1))
-            for kind in ("weights", "gradients"):  # every epoch's so far, replayed ones too
-                points = [p for drawn in training.histograms[:epoch + 1] for p in drawn[kind]]
-                live.log_plot(kind, points, x="value", y="count", template="histograms")
+            if epoch == training.epoch - 1:  # the latest epoch: its plots hold every epoch's
+                for kind in ("weights", "gradients"):
+                    points = [p for drawn in training.histograms for p in drawn[kind]]
+                    live.log_plot(kind, points, x="value", y="count", template="histograms")
             live.next_step()  # writes the summary; DVC's tools see each epoch as it ends
 
         yield log_epoch
@@ -149,13 +150,8 @@ def final_metrics(training: Training, data: Data) -> dict:
     params = training.params
     metrics: dict = {"epochs": params.epochs, "steps": training.step}
     if data.val is not None:
-        levels = final_levels(params)
-        logits = training.final_logits
-        if logits is None:  # a finished run resumed: its last validation ran in another process
-            with training.watch.section():
-                logits = predict_levels(training.model, data.val[0], params.eval_batch_size,
-                                        levels, training.precision.dtype)
-        for tta in levels:
+        logits = final_validation(training, data.val[0])  # computed already, but on a resume
+        for tta in final_levels(params):
             loss, accuracy = loss_and_accuracy(logits[tta], data.val[1])
             suffix = "" if tta == "none" else f"_tta_{tta}"
             metrics[f"val_loss{suffix}"] = round(loss, 5)

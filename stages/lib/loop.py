@@ -130,7 +130,7 @@ class Training:
         self.average: WeightAverage | None = None
         self.history: list[dict[str, float]] = []
         self.histograms: list[dict[str, list[dict]]] = []  # per epoch, as the logger drew them
-        # the last epoch's validation logits per final level (None: not computed in this process)
+        # the final validation's logits per level (None: not computed in this process yet)
         self.final_logits: dict[str, torch.Tensor] | None = None
         self.epochs_seconds = 0.0  # the epochs' part of the watch, for images per second
         self.criterion = make_criterion(params, loader.labels)
@@ -417,16 +417,23 @@ def final_levels(params: TrainParams) -> list[str]:
 
 
 def validate(training: Training, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Validation logits after an epoch: plain, and after the last one at every final level,
-    timed (airbench counts its final evaluation) and kept for the final metrics."""
-    last = training.epoch + 1 >= training.epochs or training.step >= training.total_steps
-    levels = final_levels(training.params) if last else ["none"]
-    with training.watch.section() if last else contextlib.nullcontext():
-        logits = predict_levels(training.model, images, training.params.eval_batch_size, levels,
-                                training.precision.dtype)
-    if last:
-        training.final_logits = logits
-    return logits
+    """Validation logits after an epoch: plain, and after the last one the final validation."""
+    if training.epoch + 1 >= training.epochs or training.step >= training.total_steps:
+        return final_validation(training, images)
+    return predict_levels(training.model, images, training.params.eval_batch_size, ["none"],
+                          training.precision.dtype)
+
+
+def final_validation(training: Training, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits at every final level, timed (airbench counts its final evaluation), computed
+    once and kept for the final metrics."""
+    if training.final_logits is None:
+        with training.watch.section():
+            training.final_logits = predict_levels(training.model, images,
+                                                   training.params.eval_batch_size,
+                                                   final_levels(training.params),
+                                                   training.precision.dtype)
+    return training.final_logits
 
 
 def validation_due(training: Training) -> bool:

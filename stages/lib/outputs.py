@@ -81,12 +81,13 @@ def sweep_scratch(dest: Path) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (another user's process too: signal 0 is then refused, not unknown)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's: alive
-        return True
+    except PermissionError:
+        pass
     return True
 
 
