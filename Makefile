@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 # is the project's interpreter however make was started.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
-LOCAL_ARCHIVE := $(abspath ../cifar-10-python.tar.gz)
 # Exact versions of everything pyproject.toml pulls in, resolved by `make lock`; installs are
 # constrained to them, so two `make setup` runs months apart build the same environment.
 LOCK := requirements.lock
@@ -59,11 +58,14 @@ tutorial-%: setup
 	$(PY) -m stages.lib.params presets/$*.yaml .dvc/tmp/params-HEAD.yaml > .dvc/tmp/preset-$*.args
 	xargs -d '\n' -a .dvc/tmp/preset-$*.args dvc exp run -n $*
 
-# Offline: point params.yaml's download section at the copies in ../shared/data.
-# DATASET=cifar10 (default) rebuilds the official-format archive from its JPEGs (outside the
-# repository); DATASET=mnist uses the four official .gz files as they are.
+# Offline: copy a data set from ../shared/data into data/local/ (git-ignored) and point
+# params.yaml's download section at it by a path relative to the project, so that the tracked
+# file names no folder of this machine. DATASET=cifar10 (default) rebuilds the official-format
+# archive from its JPEGs; DATASET=mnist copies the four official .gz files.
 DATASET ?= cifar10
-SHARED_DATA := $(abspath ../shared/data)
+SHARED_DATA := ../shared/data
+LOCAL_DATA := data/local
+LOCAL_ARCHIVE := $(LOCAL_DATA)/cifar-10-python.tar.gz
 POINT = sed -i -e "s|^  dataset: .*|  dataset: $(DATASET)  \# set by make local-data|" \
 	-e "s|^  url: .*|  url: $(1)  \# set by make local-data|" \
 	-e "s|^  md5: .*|  md5: $(2)  \# set by make local-data|" params.yaml && \
@@ -71,11 +73,13 @@ POINT = sed -i -e "s|^  dataset: .*|  dataset: $(DATASET)  \# set by make local-
 
 local-data: setup
 ifeq ($(DATASET),cifar10)
-	test -f $(LOCAL_ARCHIVE) || $(PY) ../shared/tools/make_cifar_tarball.py --out $(LOCAL_ARCHIVE)
-	md5=$$(md5sum $(LOCAL_ARCHIVE) | cut -d' ' -f1) && $(call POINT,file://$(LOCAL_ARCHIVE),$$md5)
+	mkdir -p $(LOCAL_DATA)
+	test -f $(LOCAL_ARCHIVE) || $(PY) $(SHARED_DATA)/../tools/make_cifar_tarball.py --out $(LOCAL_ARCHIVE)
+	md5=$$(md5sum $(LOCAL_ARCHIVE) | cut -d' ' -f1) && $(call POINT,$(LOCAL_ARCHIVE),$$md5)
 else ifeq ($(DATASET),mnist)
-	md5="{$$(cd $(SHARED_DATA)/mnist && md5sum *-ubyte.gz | awk '{printf "%s%s: %s", s, $$2, $$1; s=", "}')}" && \
-	$(call POINT,file://$(SHARED_DATA)/mnist/,$$md5)
+	mkdir -p $(LOCAL_DATA)/mnist && cp $(SHARED_DATA)/mnist/*-ubyte.gz $(LOCAL_DATA)/mnist/
+	md5="{$$(cd $(LOCAL_DATA)/mnist && md5sum *-ubyte.gz | awk '{printf "%s%s: %s", s, $$2, $$1; s=", "}')}" && \
+	$(call POINT,$(LOCAL_DATA)/mnist/,$$md5)
 else
 	@echo "make local-data: no local copy of DATASET=$(DATASET) in ../shared/data (cifar10, mnist)"; exit 1
 endif

@@ -38,9 +38,7 @@ def scratch_repo(repo: Path, mnist: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(mnist.glob("*-ubyte.gz"))}
     params["download"].update(dataset="mnist", url=mnist.resolve().as_uri() + "/", md5=md5)
-    # float32: the default recipe's bf16 does not train on MNIST yet (issue 41)
-    params["train"].update(epochs=1.0, flip=False, amp=False)
-    params["evaluate"].update(amp=False)
+    params["train"].update(epochs=1.0)
     params["finetune"].update(epochs=0.2, freeze_epochs=0)  # its loop's length is not measured
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.com"],

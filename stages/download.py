@@ -17,6 +17,10 @@ before OUT_DIR appears, complete, in one rename.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import hashlib
 import http.client
 import os

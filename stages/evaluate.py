@@ -9,6 +9,10 @@ accuracy) and misclassified.png (a grid of wrong test images, true -> predicted)
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import csv
 import sys
 import time
@@ -18,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from stages.lib.card import load_trained
+from stages.lib.card import ModelCard, load_trained
 from stages.lib.data import Images, Pack, PackedImages, read_classes
 from stages.lib.devices import announce, hardware, pick_device, pick_precision
 from stages.lib.folder import CLASSES_FILE
 from stages.lib.inference import loss_and_accuracy, predict_levels
 from stages.lib.outputs import StageError, atomic_dir, stage_main, write_json
-from stages.lib.params import TTA_LEVELS, EvaluateParams, load_params
+from stages.lib.params import EvaluateParams, load_params
 
 CELL_SIDE = 96  # pixels a small test image is enlarged to in the grid
 LABEL_HEIGHT = 14
@@ -45,15 +49,17 @@ def macro_f1(confusion: torch.Tensor) -> float:
     return (2 * tp / denominator.clamp_min(1)).mean().item()
 
 
-def score(model: torch.nn.Module, images: Images, labels: torch.Tensor, classes: list[str],
+def score(model: torch.nn.Module, card: ModelCard, images: Images, labels: torch.Tensor,
           batch_size: int, dtype: torch.dtype | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Metrics for one model; returns (metrics, confusion counts, predictions without TTA).
+    """Metrics for one model, test-time-augmented at the levels that suit its data; returns
+    (metrics, confusion counts, predictions without TTA).
     Per-class figures go to per_class.csv and its plot, not into the metrics: a column each
     would crowd `dvc exp show`."""
-    logits = predict_levels(model, images, batch_size, list(TTA_LEVELS), dtype)
+    levels, classes = card.tta_levels, card.classes
+    logits = predict_levels(model, images, batch_size, levels, dtype)
     loss, accuracy = loss_and_accuracy(logits["none"], labels)
     metrics: dict[str, float] = {"accuracy": round(accuracy, 5), "loss": round(loss, 5)}
-    for tta in TTA_LEVELS[1:]:
+    for tta in levels[1:]:
         metrics[f"accuracy_tta_{tta}"] = round(loss_and_accuracy(logits[tta], labels)[1], 5)
     predictions = logits["none"].argmax(1)
     confusion = confusion_matrix(labels.cpu(), predictions.cpu(), len(classes))
@@ -128,7 +134,7 @@ def evaluate(images_dir: Path, metrics_dir: Path, plots_dir: Path, model_dirs: l
             images = PackedImages(pack, card.normalization, device)
             model = model.to(device, memory_format=torch.channels_last)
             started = time.perf_counter()
-            metrics, confusion, predictions = score(model, images, device_labels, classes,
+            metrics, confusion, predictions = score(model, card, images, device_labels,
                                                     params.batch_size, precision.dtype)
             seconds = time.perf_counter() - started
             out = plots_tmp / model_dir.name

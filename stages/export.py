@@ -9,6 +9,10 @@ normalization is inside the graph. MODEL_DIR may also be given as its model.pt.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import json
 import sys
 from pathlib import Path

@@ -16,6 +16,10 @@ paths, no duplicates, no member declaring more than MAX_MEMBER_BYTES.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import gzip
 import math
 import os

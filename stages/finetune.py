@@ -13,6 +13,10 @@ scratch too: finetune trains at the images' size throughout.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import dataclasses
 import hashlib
 from pathlib import Path

@@ -48,7 +48,8 @@ def top_k(model_dir: Path, paths: list[Path], k: int, device: torch.device = tor
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Top-k classes of image files.")
+    parser = argparse.ArgumentParser(prog="python -m stages.predict",
+                                     description="Top-k classes of image files.")
     parser.add_argument("model_dir", type=model_dir_of, help="the model's folder or its model.pt")
     parser.add_argument("images", type=Path, nargs="+")
     parser.add_argument("--top-k", type=int, default=3)

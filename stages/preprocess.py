@@ -15,6 +15,10 @@ images and labels, exact length, labels in range.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import contextlib
 import csv
 import io

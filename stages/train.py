@@ -7,6 +7,10 @@ after every epoch; a rerun with the same params and data resumes from it.
 """
 from __future__ import annotations
 
+from stages.lib.params import preflight
+
+preflight(__name__, __doc__)  # --help, and bad params.yaml, answered before the slow imports
+
 import torch
 
 from stages.lib.data import load_data

@@ -18,10 +18,10 @@ RGB_STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 def model_card(arch: str, classes: list[str], normalization: dict | None = None,
-               input_size: tuple[int, int] = (32, 32)) -> ModelCard:
-    """The model.json of a model saved by hand in a test."""
+               input_size: tuple[int, int] = (32, 32), tta: str = "flip_shift") -> ModelCard:
+    """The model.json of a model saved by hand in a test (trained with train.tta `tta`)."""
     return ModelCard(arch=arch, classes=classes, normalization=normalization or RGB_STATS,
-                     input_size=list(input_size), params={}, metrics={}, hardware={})
+                     input_size=list(input_size), params={"tta": tta}, metrics={}, hardware={})
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
             stage_imports(name, found)
     if path == "stages/lib/nets.py":  # build_model imports the registered architectures' modules
         for target in ARCHS.values():
-            stage_imports(target.split(":")[0], found)
+            stage_imports(target.target.split(":")[0], found)
     return found
 
 

@@ -12,8 +12,8 @@ from stages.lib.inference import TTA_WEIGHTS, predict_levels, predict_logits, tt
 from stages.lib.loop import (Checkpoint, Env, Training, fit, progressive_size, rng_tensor,
                              start_groups, train_one_epoch, warm_up)
 from stages.lib.nets import AirbenchNet, build_model
-from stages.lib.optim import (Muon, Rates, WeightAverage, freeze_leading, lr_factor, orthogonalize,
-                              param_groups, scratch_groups)
+from stages.lib.optim import (Muon, Rates, WeightAverage, lr_factor, orthogonalize, param_groups,
+                              scratch_groups)
 from stages.lib.outputs import StageError
 from stages.lib.params import load_params
 from tests.conftest import ROOT
@@ -279,18 +279,6 @@ def test_freezing_trains_exactly_as_with_the_gradients_computed() -> None:
         assert torch.equal(skipped[-1][key], value), key
 
 
-def test_freezing_more_blocks_than_the_network_has_is_refused() -> None:
-    model = AirbenchNet(2, 3, 32, 32)
-    groups = param_groups(model, Rates(0.1, 0.1, 0.0, 64.0))
-    with pytest.raises(StageError, match=r"train.freeze_blocks: AirbenchNet has 3 blocks to freeze "
-                                         r"\(groups.0., groups.1., groups.2.\), not 4"):
-        freeze_leading(groups, model, 4, 2)
-    mlp = build_model("mlp", 2, (1, 8, 8))
-    with pytest.raises(StageError, match=r"QuickstartMLP has 0 blocks to freeze \(none\), not 1; "
-                                         r"lower it, or set train.freeze_from to 0"):
-        freeze_leading(param_groups(mlp, Rates(0.1, 0.1, 0.0, 1.0)), mlp, 1, 2)
-
-
 def test_frozen_groups_get_no_gradients_and_training_is_unchanged() -> None:
     """One eager process: after the stem bias's epoch it has no gradient, nor has anything
     before the first conv; the weights are bit for bit those of a run computing them all."""
@@ -486,12 +474,18 @@ def test_airbench_costs_a_step_more_at_a_side_past_a_multiple_of_4() -> None:
     assert flops[28] < 1.1 * flops[25]
 
 
-def test_progressive_resizing_is_refused_for_a_fixed_size_network() -> None:
-    params = train_params(arch="lenet", progressive_from=16)
-    model = build_model("lenet", 2, (3, 32, 32))
-    with pytest.raises(StageError, match="progressive_from: LeNet takes only its input size"):
-        Training(model, scratch_groups(model, params), params, BatchLoader(*toy_data(16), 8,
-                     Sampling(crop_padding=0, flip=False, shuffle=True, drop_last=True, seed=0)), Env(CPU, pick_precision(CPU, False)))
+@pytest.mark.parametrize("epochs, until, sizes", [
+    (2.0, 0.6, [None, None]),  # a ramp of 1.2 epochs: none, rather than one small epoch
+    (3.0, 1.0, [(16, 16), (24, 24), None]),  # the last epoch full size even at until 1
+    (11.5, 0.6, [(16, 16), (20, 20), (20, 20), (24, 24), (24, 24), (28, 28), (28, 28)] + [None] * 5),
+])
+def test_progressive_resizing_needs_a_ramp_of_two_epochs_and_ends_at_full_size(epochs, until, sizes) -> None:
+    training = airbench_training(epochs=epochs, progressive_from=16, progressive_until=until)
+    found = []
+    for epoch in range(len(sizes)):
+        training.epoch = epoch
+        found.append(progressive_size(training))
+    assert found == sizes
 
 
 def test_selection_trains_on_the_highest_loss_examples_from_select_from_on() -> None:

@@ -1,9 +1,11 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import ARCHS, Arch
 from stages.lib.nets import build_model
 from stages.lib.params import ParamsError, load_params
 
@@ -111,8 +113,8 @@ def test_a_preset_becomes_dvc_overrides_that_also_undo_a_previous_experiment(tmp
                          "train.warmup=0.23",
                          "train.progressive_from=0", "train.select_from=0", "train.freeze_from=0",
                          "train.flip=false", "train.ema_every=5",
-                         "train.amp=false", "train.eval_every=1", "finetune.epochs=1.0",
-                         "finetune.freeze_epochs=0", "evaluate.amp=false"]
+                         "train.eval_every=1", "finetune.epochs=1.0",
+                         "finetune.freeze_epochs=0"]
     for preset in sorted((ROOT / "presets").glob("*.yaml")):  # every preset loads
         assert preset_overrides(preset, base, base)
     bad = tmp_path / "bad.yaml"
@@ -172,14 +174,55 @@ def test_a_name_added_to_a_registry_is_accepted_and_built(tmp_path, monkeypatch)
     module = tmp_path / "tiny_net_for_test.py"
     module.write_text("from stages.lib.nets import QuickstartMLP\n\nclass TinyNet(QuickstartMLP):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(ARCHS, "tiny", "tiny_net_for_test:TinyNet")
-    path = tmp_path / "params.yaml"
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"]["arch"] = "tiny"
-    path.write_text(yaml.safe_dump(raw))
-    assert load_params(path).train.arch == "tiny"
+    monkeypatch.setitem(ARCHS, "tiny", Arch("tiny_net_for_test:TinyNet", any_size=True,
+                                            blocks=("linear_relu_stack.0.", "linear_relu_stack.2.")))
+    path = write_params(tmp_path, lambda p: p["train"].update(arch="tiny"))
+    assert load_params(path).train.arch == "tiny"  # and its recipe cuts too: it declares it takes them
     assert type(build_model("tiny", 10, (1, 28, 28))).__name__ == "TinyNet"
     monkeypatch.delitem(ARCHS, "tiny")
     with pytest.raises(ParamsError, match=r"train.arch must be one of \['airbench'"):
         load_params(path)
 
+
+
+def test_an_arch_switch_lists_every_knob_that_does_not_suit_it_and_its_preset(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # where presets/ is
+    path = write_params(tmp_path, lambda p: p["train"].update(arch="mnist_mlp"))
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+    message = str(refused.value)
+    assert message.startswith("params: train.arch mnist_mlp does not suit train.progressive_from 16: "
+                              "set it to 0 (mnist_mlp takes only the size it was built for); "
+                              "train.freeze_from 10: set it to 0, or train.freeze_blocks to at most 0")
+    assert message.endswith("; presets/mnist_mlp.yaml sets them: `make tutorial-mnist_mlp`")
+    path = write_params(tmp_path, lambda p: p["train"].update(arch="lenet", progressive_from=0, freeze_blocks=5))
+    with pytest.raises(ParamsError, match=r"train.freeze_blocks to at most 4 \(lenet has 4 blocks "
+                                          r"\(conv1., conv2., fc1., fc2.\) to freeze\)"):
+        load_params(path)
+    path = write_params(tmp_path, lambda p: p["train"].update(arch="lenet", progressive_from=0))
+    assert load_params(path).train.freeze_blocks == 2
+
+
+@pytest.mark.parametrize("dataset, flip, tta", [("cifar10", True, "flip_shift"), ("mnist", False, "none"),
+                                                ("fashion_mnist", True, "flip_shift")])
+def test_auto_flips_and_tta_follow_whether_a_mirror_keeps_the_class(tmp_path, dataset, flip, tta) -> None:
+    path = write_params(tmp_path, lambda p: p["download"].update(dataset=dataset))
+    train = load_params(path).train
+    assert (train.flip, train.tta) == (flip, tta)
+    path = write_params(tmp_path, lambda p: (p["download"].update(dataset=dataset),
+                                             p["train"].update(flip=True, tta="flip")))
+    assert (load_params(path).train.flip, load_params(path).train.tta) == (True, "flip")  # as set
+
+
+def test_a_stage_refuses_bad_params_before_it_imports_torch(tmp_path) -> None:
+    write_params(tmp_path, lambda p: p["train"].update(lr="abc"))
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "stages.train", "a", "b", "c", "d", "e"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": ""},
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == ["error: params: train.lr must be a number, found 'abc' (fix it in params.yaml "
+                      "or in `dvc exp run -S train.lr=...`)"]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "stages.lib.params" in imported and "torch" not in imported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -17,6 +17,7 @@ from stages.lib.archs import ARCHS
 from stages.lib.folder import MODES
 from stages.lib.nets import Architecture, build_model
 from stages.lib.outputs import StageError, atomic_dir
+from stages.lib.params import TTA_LEVELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,15 @@ class ModelCard:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (len(self.normalization["mean"]), *self.input_size)
+
+    @property
+    def tta_levels(self) -> list[str]:
+        """The test-time augmentations that suit the model's data: plain, and each level up to
+        the one its training validated with (train.tta: none for digits)."""
+        if "tta" not in self.params:
+            raise StageError("model.json records no params.tta (the TTA its training validated "
+                             "with): not a model the train or finetune stage saved; retrain it")
+        return list(TTA_LEVELS[:TTA_LEVELS.index(self.params["tta"]) + 1])
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelCard:
@@ -53,6 +63,8 @@ class ModelCard:
             raise ValueError(f"classes must be a list of names, found {self.classes}")
         if len(self.input_size) != 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):
             raise ValueError(f"input_size must be [height, width], found {self.input_size}")
+        if "tta" in self.params and self.params["tta"] not in TTA_LEVELS:
+            raise ValueError(f"params.tta must be one of {list(TTA_LEVELS)}, found {self.params.get('tta')!r}")
         mean, std = self.normalization["mean"], self.normalization["std"]
         if len(mean) not in MODES or len(std) != len(mean):
             raise ValueError(f"normalization must give 1 or 3 means and stds, found {self.normalization}")

@@ -41,6 +41,9 @@ class Dataset:
     optional: tuple[str, ...] = ()
     # idx: class names in label order (a cifar tarball names its classes in its meta member)
     classes: tuple[str, ...] = ()
+    # a mirrored image shows the same class (not a digit's): `train.flip` and `train.tta` auto
+    # flip its images only then
+    flips: bool = True
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -65,7 +68,7 @@ DATASETS: dict[str, Dataset] = {
         "mnist", "idx", "https://ossci-datasets.s3.amazonaws.com/mnist/",
         dict(zip(IDX_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
                              "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
-        classes=tuple(str(digit) for digit in range(10))),
+        classes=tuple(str(digit) for digit in range(10)), flips=False),
     "fashion_mnist": Dataset(
         "fashion_mnist", "idx", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         dict(zip(IDX_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",

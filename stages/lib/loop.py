@@ -28,6 +28,8 @@ from stages.lib.outputs import StageError, atomic_file
 from stages.lib.params import TrainParams
 from stages.lib.ranks import Ranks, all_sum, wrap
 
+MIN_RAMP_EPOCHS = 2  # progressive resizing: fewer epochs before full size is no ramp (progressive_size)
+
 
 def training_loader(params: TrainParams, images: Images, labels: torch.Tensor, seed: int,
                     ranks: Ranks = Ranks()) -> BatchLoader:
@@ -99,9 +101,6 @@ class Training:
 
     def __init__(self, model: nn.Module, groups: list[Group], params: TrainParams,
                  loader: BatchLoader, env: Env) -> None:
-        if params.progressive_from and not getattr(model, "ANY_SIZE", False):
-            raise StageError(f"train.progressive_from: {type(model).__name__} takes only its input "
-                             "size; set it to 0 (progressive resizing needs airbench or resnet18)")
         self.model, self.groups, self.params, self.loader = model, groups, params, loader
         self.full_size = tuple(loader.images.shape[-2:])  # the training images' (height, width)
         self.device, self.precision, self.ranks = env.device, env.precision, env.ranks
@@ -304,11 +303,13 @@ def progressive_size(training: Training) -> tuple[int, int] | None:
     first epoch at `progressive_from` pixels high, growing linearly to the full height at
     `progressive_until` of the epochs, each side rounded to a multiple of `progressive_step`
     (never below the first). Fewer pixels, proportionally fewer FLOPs, while the network
-    learns the coarse features that need no detail."""
+    learns the coarse features that need no detail. The last epoch is always full size, and a
+    ramp shorter than MIN_RAMP_EPOCHS is none: one small epoch and then a jump to full size
+    costs more accuracy than it saves time."""
     params, (height, width) = training.params, training.full_size
-    ramp = params.progressive_until * params.epochs
+    ramp = min(params.progressive_until * params.epochs, math.ceil(params.epochs) - 1)
     start = params.progressive_from
-    if not start or training.epoch >= ramp or start >= height:
+    if not start or ramp < MIN_RAMP_EPOCHS or training.epoch >= ramp or start >= height:
         return None
     step = params.progressive_step
     side = step * round((start + (height - start) * training.epoch / ramp) / step)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from stages.lib.archs import ARCHS
 from stages.lib.nets import Architecture
-from stages.lib.outputs import StageError
 from stages.lib.params import TrainParams
 
 # Triangle schedule ends, as airbench: start at 0.2 x lr, peak at `warmup`, end at 0.07 x lr.
@@ -91,29 +91,27 @@ def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
                                        whiten_bias_epochs=params.whiten_bias_epochs, muon_lr=muon_lr))
     if not params.freeze_from:
         return groups
-    return freeze_leading(groups, model, params.freeze_blocks, params.freeze_from)
+    blocks = ARCHS[params.arch].blocks[:params.freeze_blocks]  # params checked there are enough
+    return freeze_leading(groups, model, blocks, params.freeze_from)
 
 
-def freeze_leading(groups: list[Group], model: Architecture, blocks: int, epoch: int) -> list[Group]:
-    """Progressive freezing (FreezeOut, Brock et al. 2017): the model's first block stops
-    training at `epoch`, the next one an epoch later, and so on for `blocks` blocks. The
+def freeze_leading(groups: list[Group], model: Architecture, blocks: tuple[str, ...],
+                   epoch: int) -> list[Group]:
+    """Progressive freezing (FreezeOut, Brock et al. 2017): the first of `blocks` (key
+    prefixes, from the input on) stops training at `epoch`, the next one an epoch later. The
     layers nearest the input settle first; once they stop, and nothing before them trains,
     backward skips their weight gradients, their input gradients and the input gradient of the
     layer after them: for airbench's first block, a fifth of a full-size step's FLOPs, for its
     first two, over half. Each group is split by block, each block's part stopping at its epoch."""
-    if blocks > len(model.BLOCKS):
-        raise StageError(f"train.freeze_blocks: {type(model).__name__} has "
-                         f"{len(model.BLOCKS)} blocks to freeze ({', '.join(model.BLOCKS) or 'none'}), "
-                         f"not {blocks}; lower it, or set train.freeze_from to 0")
     stops = {id(p): epoch + block
-             for block, prefix in enumerate(model.BLOCKS[:blocks])
+             for block, prefix in enumerate(blocks)
              for name, p in model.named_parameters() if name.startswith(prefix)}
     split = []
     for group in groups:
         rest = [p for p in group.params if id(p) not in stops]
         if rest:
             split.append(replace(group, params=rest))
-        for block, stop in enumerate(range(epoch, epoch + blocks)):
+        for block, stop in enumerate(range(epoch, epoch + len(blocks))):
             leading = [p for p in group.params if stops.get(id(p)) == stop]
             if leading:  # a group stopping sooner on its own (the stem bias) keeps its stop
                 split.append(replace(group, name=f"{group.name}_block{block}", params=leading,

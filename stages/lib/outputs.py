@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,15 +134,11 @@ def write_json(dest: Path, data: object) -> None:
 
 
 def stage_main(main: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a stage's main(): `-h` or `--help` alone prints the stage's docstring (its usage)
-    and exits 0, before anything is read; an expected failure prints one `error:` line and
-    exits 1."""
+    """Wrap a stage's main(): an expected failure prints one `error:` line and exits 1 (the
+    stage's module answered `--help` before, in params.preflight)."""
 
     @functools.wraps(main)
     def wrapper() -> None:
-        if sys.argv[1:] in (["-h"], ["--help"]):
-            print(sys.modules[main.__module__].__doc__)
-            raise SystemExit(0)
         params = Path("params.yaml").resolve()
         token = PARAMS_READ.set((params, params.read_bytes()) if params.is_file() else None)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from stages.lib.datasets import DATASETS
 from stages.lib.outputs import StageError
 
 PARAMS_FILE = Path("params.yaml")
+PRESETS = Path("presets")  # named recipes, e.g. presets/mnist_mlp.yaml (`make tutorial-NAME`)
 # Mixed precision: auto = where the device computes it natively (devices.pick_precision);
 # true / false force autocast on / off.
 Amp = Literal["auto", True, False]
@@ -127,13 +129,14 @@ class TrainParams:
     # skips them (loop.freeze_leading)
     freeze_from: int
     freeze_blocks: int
-    flip: bool
+    flip: Literal["auto", True, False]  # auto: where the data set's classes survive a mirror
     ema_every: int  # steps between weight-averaging updates; 0 turns averaging off
     ema_start: float  # share of training before averaging starts
     whiten_bias_epochs: int  # airbench: train the whitening conv's bias this long, then freeze
     class_weights: Literal["none", "balanced"]  # balanced: the loss weighs rare classes up
     sampler: Literal["shuffle", "balanced"]  # balanced: batches draw every class equally often
-    tta: Literal[TTA_LEVELS]  # views averaged when evaluating
+    tta: Literal[("auto", *TTA_LEVELS)]  # views averaged when evaluating; auto: flip_shift
+    # where a mirror keeps the class, else none
     device: Literal["auto", "cpu", "cuda", "mps"]
     amp: Amp
     compile: bool
@@ -194,6 +197,29 @@ class TrainParams:
                  self.freeze_from)
         _require(self.freeze_blocks >= 1, f"{section}.freeze_blocks", "an integer >= 1",
                  self.freeze_blocks)
+        problems = arch_problems(self, section)
+        if problems:
+            presets = [p for p in sorted(PRESETS.glob("*.yaml"))
+                       if read_yaml(p).get("train", {}).get("arch") == self.arch]
+            advice = "".join(f"; {p} sets them: `make tutorial-{p.stem}`" for p in presets)
+            raise ParamsError(f"params: {section}.arch {self.arch} does not suit "
+                              f"{'; '.join(problems)} (fix them in params.yaml or with "
+                              f"`dvc exp run -S`){advice}")
+
+
+def arch_problems(params: TrainParams, section: str) -> list[str]:
+    """The recipe cuts `params` turns on that its architecture cannot take, each with its fix."""
+    arch = ARCHS[params.arch]
+    problems = []
+    if params.progressive_from and not arch.any_size:
+        problems.append(f"{section}.progressive_from {params.progressive_from}: set it to 0 "
+                        f"({params.arch} takes only the size it was built for)")
+    if params.freeze_from and params.freeze_blocks > len(arch.blocks):
+        blocks = f"{len(arch.blocks)} blocks ({', '.join(arch.blocks)})" if arch.blocks else "no blocks"
+        problems.append(f"{section}.freeze_from {params.freeze_from}: set it to 0, or "
+                        f"{section}.freeze_blocks to at most {len(arch.blocks)} ({params.arch} "
+                        f"has {blocks} to freeze)")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +288,29 @@ def parse_bytes(text: str) -> int | None:
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """Read and check the whole file, so a typo anywhere stops every stage."""
-    return build(Params, read_yaml(path), "")
+    """Read and check the whole file, so a typo anywhere stops every stage; train's `auto`
+    augmentations resolved for the data set."""
+    params = build(Params, read_yaml(path), "")
+    flips = DATASETS[params.download.dataset].flips
+    train = params.train
+    return dataclasses.replace(params, train=dataclasses.replace(
+        train, flip=flips if train.flip == "auto" else train.flip,
+        tta=("flip_shift" if flips else "none") if train.tta == "auto" else train.tta))
+
+
+def preflight(name: str, usage: str | None) -> None:
+    """Called by each stage module before its other imports. Run as a program (`name` is
+    "__main__"), `-h`/`--help` prints the stage's usage and exits 0, and any params.yaml problem
+    stops it with one `error:` line, both before torch is imported or data is read."""
+    if name != "__main__":
+        return
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0)
+    try:
+        load_params()
+    except StageError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def read_yaml(path: Path) -> dict:
@@ -419,8 +466,6 @@ def override_text(value: object) -> str:
 
 
 if __name__ == "__main__":  # python -m stages.lib.params PRESET BASE: `-S` and its value, one a line
-    import sys
-
     try:
         print("\n".join(f"-S\n{item}" for item in preset_overrides(Path(sys.argv[1]), Path(sys.argv[2]))))
     except StageError as err:

@@ -19,7 +19,6 @@ class ResNet18(torchvision.models.ResNet, Architecture):
 
     HEAD = "fc."
     STEM = ("conv1.weight",)
-    ANY_SIZE = True
 
     def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
@@ -41,7 +40,6 @@ class ResNet18ImageNet(torchvision.models.ResNet, Architecture):
 
     HEAD = "fc."
     STEM = ("conv1.weight",)
-    ANY_SIZE = True
 
     def __init__(self, num_classes: int, channels: int, height: int, width: int) -> None:
         super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
