@@ -46,7 +46,6 @@ test: setup
 bench: setup
 	$(PY) -m bench.precision
 	$(PY) -m bench.loading
-	$(PY) -m bench.startup
 	$(PY) -m bench.time_to_accuracy
 
 # A tutorial's recipe as a named experiment, e.g. `make tutorial-mnist_mlp`: the committed

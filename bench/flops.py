@@ -3,9 +3,8 @@
 The step's FLOPs are counted by torch's FlopCounterMode (convolutions and matmuls, forward and
 backward: the work that matters) and divided by its median time on the CPU; the peak is a
 large square matmul in the same precision, timed in the same process. A recipe's FLOPs add up
-its steps, each at its epoch's image size and with its epoch's frozen blocks.
-
-usage: python -m bench.flops [--recipes airbench94 default] [--examples 45000]
+its steps, each at its epoch's image size and with its epoch's frozen blocks. A library of
+bench.time_to_accuracy, which prints both beside its timings.
 """
 from __future__ import annotations
 
@@ -122,40 +121,3 @@ def recipe_params(name: str, changes: dict[str, object]) -> dict:
         params[section][name] = value
     build(Params, params, "")
     return params
-
-
-def print_recipes(names: list[str], examples: int) -> None:
-    totals = {name: recipe_flops(build(Params, recipe_params(name, {}), "").train, examples)
-              for name in names}
-    base = BASELINE if BASELINE in totals else names[0]
-    for name, total in totals.items():
-        print(f"{name}: {total / 1e12:.1f} TFLOP of training on {examples} images, "
-              f"{total / totals[base]:.2f} of {base}'s")
-
-
-def main() -> None:
-    """The default's step at full and lower sizes, then each recipe's training FLOPs."""
-    import argparse
-
-    from stages.lib.devices import cpu_summary
-    from stages.lib.params import load_params
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["airbench94", "default"],
-                        help="preset names under presets/, or default (params.yaml)")
-    parser.add_argument("--examples", type=int, default=CIFAR_TRAIN, help="training images")
-    args = parser.parse_args()
-    train = load_params().train
-    dtype = pick_precision(CPU, train.amp).dtype
-    print(f"CPU {cpu_summary()}; matmul peak {matmul_peak(dtype) / 1e9:.0f} GFLOP/s")
-    for side in (32, 28, 24, 20, 16):
-        model = build_model(train.arch, 10, (3, side, side))
-        images = torch.randn(train.batch_size, 3, side, side)
-        flops = step_flops(model, images, torch.zeros(train.batch_size, dtype=torch.long), dtype)
-        print(f"{train.arch} {side}x{side}, batch {train.batch_size}: {flops / train.batch_size / 1e6:.0f} "
-              f"MFLOP per image, {step_throughput(train.arch, train.batch_size, train.amp, side) / 1e9:.0f} GFLOP/s")
-    print_recipes(args.recipes, args.examples)
-
-
-if __name__ == "__main__":
-    main()

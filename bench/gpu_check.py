@@ -2,24 +2,18 @@
 
 usage: python -m bench.gpu_check [IMAGES_DIR] [--seeds N] [--steps N] [--recipes default airbench94]
 
-Needs a CUDA GPU and refuses to run without one. Needs torch, torchvision, PyYAML and tqdm, not
-dvc or dvclive (a GPU machine without PyYAML or tqdm takes their wheels: `pip install --no-index
---target DIR *.whl`, DIR on PYTHONPATH), and the image folder the pipeline wrote
-(default data/images: `make repro`, or a copy of it). Each check prints ok or FAIL; the exit
-status is 1 if any failed. In order:
+Needs a CUDA GPU, torch, torchvision, PyYAML and tqdm (not dvc or dvclive), and the image
+folder the pipeline wrote (default data/images). Each check prints ok or FAIL; the exit status
+is 1 if any failed. In order:
   1. versions, device and the precision `amp: auto` picks
   2. the loader's batches identical on CPU and CUDA, 2 epochs
   3. no host sync inside a training step, over one epoch (torch.cuda.set_sync_debug_mode)
   4. resume from a checkpoint on CUDA
   5. torch.compile compiles once across the whitening-bias freeze
   6. step time per precision and memory layout (CUDA events; bench.precision)
-  7. time to accuracy: N seeds of each recipe (params.yaml's `default`, and presets such as
-     airbench94, the baseline of the default's time ratio) on the default split and on all
-     50,000 training images (val_fraction 0), test accuracy at each TTA level, mean and spread,
-     time as airbench counts it (whitening + training + final TTA), each run's wall time
-     (model, checkpoints and evaluation included; the one-time decode reported apart) and
-     peak GPU memory.
-Issue #10 budgets 10 minutes on one H100 for the defaults; not yet run on a GPU, so unmeasured.
+  7. time to accuracy: N seeds of each recipe (`default` is params.yaml; others are presets) on
+     the default split and on all 50,000 training images, test accuracy at each TTA level, time
+     as airbench counts it (whitening + training + final TTA), wall time and peak GPU memory.
 """
 from __future__ import annotations
 
@@ -43,7 +37,7 @@ from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.lib.loop import Checkpoint, Env, Training, fit, train_one_epoch, training_loader
 from stages.lib.nets import fresh_model
 from stages.lib.optim import scratch_groups
-from stages.lib.params import TrainParams, build, read_yaml
+from stages.lib.params import TrainParams, build, for_dataset, read_yaml
 
 SUBSET = 4096  # images for the quick checks (2-5)
 CLASSES = 10  # CIFAR-10's: the recipe being checked is CIFAR-10's
@@ -65,26 +59,17 @@ class Run:
 
 
 def summary(runs: list[Run]) -> list[str]:
-    """Each run, then per split the mean +- sample standard deviation of every column."""
-    levels = list(TTA_WEIGHTS)
-    names = [f"test {level}" for level in levels] + ["train s", "wall s", "peak GiB"]
-    lines = [f"{'recipe, split':<34} {'seed':>5} " + " ".join(f"{n:>17}" for n in names)]
+    """Per recipe and split (each run was printed as it finished): every column's mean +- its
+    sample standard deviation over the seeds."""
+    lines = []
     for split in dict.fromkeys(r.split for r in runs):
-        group = [r for r in runs if r.split == split]
-        columns = [[r.accuracy[level] for r in group] for level in levels]
-        columns += [[r.train_seconds for r in group], [r.wall_seconds for r in group],
-                    [r.peak_gib for r in group]]
-        digits = [4] * len(levels) + [2, 2, 2]
-        for row, r in enumerate(group):
-            cells = [f"{c[row]:.{d}f}" for c, d in zip(columns, digits)]
-            lines.append(f"{split:<34} {r.seed:>5} " + " ".join(f"{c:>17}" for c in cells))
-        cells = [f"{statistics.mean(c):.{d}f}+-{spread(c):.{d}f}" for c, d in zip(columns, digits)]
-        lines.append(f"{split:<34} {'mean':>5} " + " ".join(f"{c:>17}" for c in cells))
+        group = [dataclasses.asdict(r) for r in runs if r.split == split]
+        columns = {f"test {level}": [g["accuracy"][level] for g in group] for level in TTA_WEIGHTS}
+        columns |= {key: [g[key] for g in group] for key in ("train_seconds", "wall_seconds", "peak_gib")}
+        cells = [f"{name} {statistics.mean(v):.4f}+-{statistics.stdev(v) if len(v) > 1 else 0:.4f}"
+                 for name, v in columns.items()]
+        lines.append(f"{split}, mean of {len(group)}: " + ", ".join(cells))
     return lines
-
-
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def check(name: str, ok: bool, detail: str) -> bool:
@@ -220,7 +205,7 @@ def recipe(name: str) -> TrainParams:
     train = read_yaml(Path("params.yaml"))["train"]
     if name != "default":
         train = {**train, **read_yaml(Path("presets") / f"{name}.yaml").get("train", {})}
-    return dataclasses.replace(build(TrainParams, train, "train"), device="cuda")
+    return dataclasses.replace(for_dataset(build(TrainParams, train, "train"), "cifar10"), device="cuda")
 
 
 def versions(device: torch.device, params: TrainParams) -> None:

@@ -1,11 +1,10 @@
 """Faults beyond the download: hostile pickles and archives, full disks, diverging or
-out-of-memory training, and a SIGKILL mid-epoch."""
+out-of-memory training. A SIGKILL between epochs is the crash matrix's (tests/test_crash_matrix.py)."""
 from __future__ import annotations
 
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,36 +149,6 @@ def test_out_of_memory_names_the_batch_size(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path, image_folder) -> None:
-    cwd = stage_dir(tmp_path, image_folder, epochs=4.0)
-    args = [sys.executable, "-m", "stages.train", "data/images"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-    def outputs(name: str) -> list[str]:
-        return [f"models/{name}", f"metrics/{name}.json", f"dvclive/{name}", f"checkpoints/{name}.pt"]
-    subprocess.run([*args, *outputs("whole")], cwd=cwd, env=env, check=True, capture_output=True)
-
-    process = subprocess.Popen([*args, *outputs("killed")], cwd=cwd, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    for line in process.stdout:  # the stage prints this line after the epoch's checkpoint
-        if line.startswith("epoch 2/4"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert not (cwd / "models/killed").exists()
-
-    rerun = subprocess.run([*args, *outputs("killed")], cwd=cwd, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "resuming after epoch 2" in rerun.stdout
-    assert (cwd / "models/killed/model.pt").read_bytes() == (cwd / "models/whole/model.pt").read_bytes()
-    whole = json.loads((cwd / "metrics/whole.json").read_text())
-    killed = json.loads((cwd / "metrics/killed.json").read_text())
-    assert whole["val_accuracy"] == killed["val_accuracy"] and whole["val_loss"] == killed["val_loss"]
-    curve = (cwd / "dvclive/killed/plots/metrics/train/loss.tsv").read_text()
-    assert curve == (cwd / "dvclive/whole/plots/metrics/train/loss.tsv").read_text()
-
-
 def test_a_killed_runs_scratch_is_swept_by_the_next_run_and_a_live_ones_is_kept(tmp_path) -> None:
     dest = tmp_path / "images"
     dead = tmp_path / f".images.{2 ** 31 - 2}.abc123.tmp"  # no process has that pid

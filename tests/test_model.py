@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -157,3 +158,17 @@ def test_saved_model_reloads_with_weights_only(tmp_path) -> None:
     (tmp_path / "m" / "model.json").write_text(json.dumps(fields))
     with pytest.raises(StageError, match="model.json: cannot read the model's sidecar"):
         load_trained(tmp_path / "m")
+
+
+def test_a_folder_that_holds_no_model_is_named_with_what_it_is(tmp_path) -> None:
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.pt2").write_bytes(b"program")
+    (tmp_path / "image.png").write_bytes(b"png")
+    for given, said in ((tmp_path / "trian", "no such file or folder"),
+                        (tmp_path / "export", r"holds an exported program \(model.pt2: load it with "
+                                               r"torch.export.load\), not a saved model"),
+                        (tmp_path, r"not a model folder \(it holds \['export', 'image.png'\]\)"),
+                        (tmp_path / "image.png", "a file, not a model folder")):
+        with pytest.raises(StageError, match=f"^{re.escape(str(given))}: {said}; a model folder holds "
+                                             "model.pt \\(a state_dict\\) beside model.json"):
+            load_trained(given)

@@ -193,7 +193,7 @@ def test_an_arch_switch_lists_every_knob_that_does_not_suit_it_and_its_preset(tm
     message = str(refused.value)
     assert message.startswith("params: train.arch mnist_mlp does not suit train.progressive_from 16: "
                               "set it to 0 (mnist_mlp takes only the size it was built for); "
-                              "train.freeze_from 10: set it to 0, or train.freeze_blocks to at most 0")
+                              "train.freeze_from 10: set it to 0 (mnist_mlp has no blocks to freeze)")
     assert message.endswith("; presets/mnist_mlp.yaml sets them: `make tutorial-mnist_mlp`")
     path = write_params(tmp_path, lambda p: p["train"].update(arch="lenet", progressive_from=0, freeze_blocks=5))
     with pytest.raises(ParamsError, match=r"train.freeze_blocks to at most 4 \(lenet has 4 blocks "

@@ -76,12 +76,10 @@ def test_a_recipe_counts_smaller_images_as_fewer_flops() -> None:
     assert 0.6 * full_flops < resized_flops < 0.7 * full_flops
 
 
-def test_recipes_print_their_flops_against_the_baseline(capsys) -> None:
-    flops.print_recipes(["default", "airbench94"], examples=2048)
-    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["airbench94"].endswith("1.00 of airbench94's")
-    default_ratio = float(lines["default"].split(", ")[1].split()[0])
-    assert 0.5 < default_ratio < 0.9  # progressive resizing, selection and freezing cut it
+def test_the_default_recipe_counts_fewer_flops_than_the_baseline() -> None:
+    totals = {name: flops.recipe_flops(build(Params, recipe_params(name, {}), "").train, examples=2048)
+              for name in ("default", "airbench94")}
+    assert 0.5 < totals["default"] / totals["airbench94"] < 0.9  # resizing, selection, freezing
 
 
 def test_table_gives_mean_spread_and_time_ratio_to_the_baseline(monkeypatch) -> None:

@@ -48,6 +48,8 @@ class ModelCard:
     @classmethod
     def read(cls, model_dir: Path) -> ModelCard:
         path = model_dir / "model.json"
+        if not path.is_file():
+            raise StageError(not_a_model_folder(model_dir))
         try:
             card = cls(**json.loads(path.read_text()))
             card.check()
@@ -103,6 +105,20 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> object
         reason = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])
         raise StageError(f"{path}: not a loadable weights-only torch file ({reason}); it is "
                          "truncated, not a torch file, or holds code, which is never run") from None
+
+
+def not_a_model_folder(path: Path) -> str:
+    """Why `path`, given as a model's folder, is none: what it is, and what one holds."""
+    expected = ("a model folder holds model.pt (a state_dict) beside model.json, as "
+                "models/train and models/finetune do")
+    if not path.exists():
+        return f"{path}: no such file or folder; {expected}"
+    if (path / "model.pt2").is_file():
+        return (f"{path}: holds an exported program (model.pt2: load it with "
+                f"torch.export.load), not a saved model; {expected}")
+    if not path.is_dir():
+        return f"{path}: a file, not a model folder; {expected}"
+    return f"{path}: not a model folder (it holds {sorted(p.name for p in path.iterdir())[:8]}); {expected}"
 
 
 def model_dir_of(path: str | Path) -> Path:

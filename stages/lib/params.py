@@ -214,11 +214,13 @@ def arch_problems(params: TrainParams, section: str) -> list[str]:
     if params.progressive_from and not arch.any_size:
         problems.append(f"{section}.progressive_from {params.progressive_from}: set it to 0 "
                         f"({params.arch} takes only the size it was built for)")
-    if params.freeze_from and params.freeze_blocks > len(arch.blocks):
-        blocks = f"{len(arch.blocks)} blocks ({', '.join(arch.blocks)})" if arch.blocks else "no blocks"
+    if params.freeze_from and not arch.blocks:
+        problems.append(f"{section}.freeze_from {params.freeze_from}: set it to 0 ({params.arch} "
+                        "has no blocks to freeze)")
+    elif params.freeze_from and params.freeze_blocks > len(arch.blocks):
         problems.append(f"{section}.freeze_from {params.freeze_from}: set it to 0, or "
                         f"{section}.freeze_blocks to at most {len(arch.blocks)} ({params.arch} "
-                        f"has {blocks} to freeze)")
+                        f"has {len(arch.blocks)} blocks ({', '.join(arch.blocks)}) to freeze)")
     return problems
 
 
@@ -291,11 +293,16 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and check the whole file, so a typo anywhere stops every stage; train's `auto`
     augmentations resolved for the data set."""
     params = build(Params, read_yaml(path), "")
-    flips = DATASETS[params.download.dataset].flips
-    train = params.train
-    return dataclasses.replace(params, train=dataclasses.replace(
+    return dataclasses.replace(params, train=for_dataset(params.train, params.download.dataset))
+
+
+def for_dataset(train: TrainParams, dataset: str) -> TrainParams:
+    """`train` with its `auto` augmentations resolved for `dataset`: flips, and flip TTA
+    views, where a mirror keeps the class."""
+    flips = DATASETS[dataset].flips
+    return dataclasses.replace(
         train, flip=flips if train.flip == "auto" else train.flip,
-        tta=("flip_shift" if flips else "none") if train.tta == "auto" else train.tta))
+        tta=("flip_shift" if flips else "none") if train.tta == "auto" else train.tta)
 
 
 def preflight(name: str, usage: str | None) -> None:
