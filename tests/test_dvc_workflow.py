@@ -97,3 +97,24 @@ def test_push_then_pull_restores_everything_from_a_remote(baseline: Path, tmp_pa
     assert (repo / "models" / "finetune" / "model.pt").is_file()
     assert (repo / "dvclive" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     assert (repo / "plots" / "eval" / "finetune" / "confusion.csv").is_file()
+
+
+def test_two_temp_experiments_at_once_each_record_their_own_params(baseline: Path, tmp_path: Path) -> None:
+    """README's way to run experiments side by side: each `--temp` run works in its own copy."""
+    repo = committed_pipeline(baseline, tmp_path)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    runs = [subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"seed-{seed}",
+                              "-S", f"train.seed={seed}"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for seed in (11, 12)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["seed"] == 0  # untouched
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    recorded = [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
+    assert sorted(run["name"] for run in recorded) == ["seed-11", "seed-12"]
+    for run in recorded:
+        seed = run["data"]["params"]["params.yaml"]["data"]["train"]["seed"]
+        assert run["name"] == f"seed-{seed}"
+        dvc(repo, "exp", "apply", run["name"])  # its outputs, from the cache
+        assert json.loads((repo / "models/train/model.json").read_text())["params"]["seed"] == seed

@@ -25,6 +25,8 @@ def test_each_arch_maps_images_of_any_shape_to_one_logit_per_class(arch: str, sh
     assert {n for n, r in roles.items() if r == "head"} == {
         n for n in roles if n.startswith(model.HEAD)} != set()
     assert set(model.STEM) <= set(model.state_dict())
+    # the registry's blocks are the model's own: each prefix names trainable parameters
+    assert all(any(n.startswith(block) for n in roles) for block in ARCHS[arch].blocks)
 
 
 def test_airbench_pools_as_airbench94_at_32x32() -> None:

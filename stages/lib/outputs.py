@@ -45,7 +45,7 @@ def check_params_unchanged() -> None:
     if now != content:
         raise StageError(f"{path} changed while this stage ran: another `dvc exp run` in this "
                          "workspace? Nothing was written. Run experiments side by side with "
-                         "`dvc exp run --queue` and `dvc queue start`")
+                         "`dvc exp run --temp`, or `dvc exp run --queue` and `dvc queue start`")
 
 
 @contextlib.contextmanager
