@@ -13,7 +13,7 @@ import yaml
 from stages.lib.params import load_params
 from tests.conftest import ROOT
 from tests.idx_format import idx_payloads, write_idx_files
-from tests.test_pipeline import dvc, git, readme_outputs, run
+from tests.test_pipeline import committed, dvc, readme_outputs, run
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,7 @@ def clone(dest: Path) -> Path:
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, dest / name)
-    for command in (["init", "-q"], ["config", "user.email", "test@example.com"],
-                    ["config", "user.name", "test"]):
-        git(dest, *command)
-    dvc(dest, "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "clone")
-    return dest
+    return committed(dest)
 
 
 def make(repo: Path, *args: str) -> str:

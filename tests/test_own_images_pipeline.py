@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import shutil
 import sys
 import tarfile
 import threading
@@ -14,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
 from tests.folder_format import CLASSES, write_photos
-from tests.test_pipeline import dvc, git, run, shrink
+from tests.test_pipeline import committed, dvc, git, run, shrink
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +25,7 @@ def init_folder_repo(project: Path) -> Path:
     params["train"].update(batch_size=16, epochs=8.0, lr=0.1)  # lr per step: a batch of 16, not 1024
     params["finetune"].update(batch_size=16, lr=0.02, head_lr=0.1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(project, "init", "-q")
-    git(project, "config", "user.email", "test@example.com")
-    git(project, "config", "user.name", "test")
-    dvc(project, "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
-    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "init")
-    return project
+    return committed(project)
 
 
 def csv_archive(photos: Path, path: Path) -> Path:

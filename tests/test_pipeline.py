@@ -53,6 +53,11 @@ def init_repo(project: Path, tarball: tuple[Path, str]) -> Path:
     params["download"].update(url=tarball[0].as_uri(), md5=tarball[1])
     shrink(params)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return committed(project)
+
+
+def committed(project: Path) -> Path:
+    """`project` as a new git and DVC repo with everything in it committed."""
     git(project, "init", "-q")
     git(project, "config", "user.email", "test@example.com")
     git(project, "config", "user.name", "test")
