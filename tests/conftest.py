@@ -50,12 +50,34 @@ def image_folder(batches_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the project's pipeline files (no data, no venv) in a temporary directory."""
-    dest = tmp_path / "project"
-    dest.mkdir()
+    return copy_project(tmp_path / "project")
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True)
     for name in ("stages", "dvc.yaml", "params.yaml"):
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, tarball) -> tuple[Path, str]:
+    """The pipeline run once by `dvc repro` on the tarball and committed, with what the run
+    printed; the end-to-end tests each work on a copy (copy_repo)."""
+    from tests.test_pipeline import dvc, git, init_repo  # the end-to-end tests' helpers
+    repo = init_repo(copy_project(tmp_path_factory.mktemp("pipeline") / "project"), tarball)
+    printed = dvc(repo, "repro").stdout
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    return repo, printed
+
+
+def copy_repo(repo: Path, dest: Path) -> Path:
+    """A copy of a repo, its DVC cache included (DVC's state in .dvc/tmp left behind: it names
+    the original's files)."""
+    shutil.copytree(repo, dest, ignore=lambda folder, names: ["tmp"] if folder.endswith(".dvc") else [])
     return dest

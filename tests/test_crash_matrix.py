@@ -7,7 +7,7 @@ Kill points, per stage output written (each is one atomic directory or file):
 - `early:N`: as the N-th output starts, before its temporary sibling exists;
 - `rename:N`: the N-th output fully written to its temporary sibling, just before the rename.
 A training stage writes a checkpoint per epoch, so `rename:2` kills it mid-run, between epochs.
-The short form (CI) tries one or two points per stage; CRASH_MATRIX=full tries every
+The short form (CI) tries one point per stage; CRASH_MATRIX=full tries every
 `early:1`..`early:3` and `rename:1`..`rename:3`.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ outputs.atomic_dir, outputs.atomic_file = wrap(outputs.atomic_dir), wrap(outputs
 module, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-SHORT = {"download": ["rename:1"], "extract": ["rename:1"], "preprocess": ["early:2", "rename:1"],
+SHORT = {"download": ["rename:1"], "extract": ["rename:1"], "preprocess": ["early:2"],
          "train": ["rename:2"], "finetune": ["rename:1"], "export": ["rename:1"],
          "evaluate": ["rename:2"]}
 FULL = [f"{point}:{n}" for point in ("early", "rename") for n in (1, 2, 3)]

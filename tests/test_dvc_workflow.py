@@ -12,33 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.test_pipeline import dvc, git, init_repo
+from tests.conftest import copy_repo
+from tests.test_pipeline import dvc
 
 pytestmark = pytest.mark.slow
 QUEUE_TIMEOUT_SECONDS = 600
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory, tarball) -> Path:
-    """The pipeline run once and committed, for this module's tests to copy."""
-    project = tmp_path_factory.mktemp("baseline") / "project"
-    for name in ("stages", "dvc.yaml", "params.yaml"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
-    repo = init_repo(project, tarball)
-    dvc(repo, "repro")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baseline")
-    return repo
-
-
-def committed_pipeline(baseline: Path, tmp_path: Path) -> Path:
-    """A copy of the baseline repo, its cache included (DVC's state in .dvc/tmp left behind:
-    it names the original's files)."""
-    dest = tmp_path / "repo"
-    shutil.copytree(baseline, dest, ignore=lambda folder, names: ["tmp"] if folder.endswith(".dvc") else [])
-    return dest
 
 
 def wait_for_queue(repo: Path) -> str:
@@ -52,8 +30,8 @@ def wait_for_queue(repo: Path) -> str:
     raise AssertionError(f"queue still busy after {QUEUE_TIMEOUT_SECONDS} s:\n{status}")
 
 
-def test_queued_sweep_runs_and_compares(baseline: Path, tmp_path: Path) -> None:
-    repo = committed_pipeline(baseline, tmp_path)
+def test_queued_sweep_runs_and_compares(pipeline_run, tmp_path: Path) -> None:
+    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.5,1.0")
     try:
         # not through a pipe: the workers it starts could hold a captured stdout open, and
@@ -81,8 +59,8 @@ def test_queued_sweep_runs_and_compares(baseline: Path, tmp_path: Path) -> None:
         assert set(names) <= revisions, title
 
 
-def test_push_then_pull_restores_everything_from_a_remote(baseline: Path, tmp_path: Path) -> None:
-    repo = committed_pipeline(baseline, tmp_path)
+def test_push_then_pull_restores_everything_from_a_remote(pipeline_run, tmp_path: Path) -> None:
+    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
     dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "remote"))
     dvc(repo, "push")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -99,9 +77,9 @@ def test_push_then_pull_restores_everything_from_a_remote(baseline: Path, tmp_pa
     assert (repo / "plots" / "eval" / "finetune" / "confusion.csv").is_file()
 
 
-def test_two_temp_experiments_at_once_each_record_their_own_params(baseline: Path, tmp_path: Path) -> None:
+def test_two_temp_experiments_at_once_each_record_their_own_params(pipeline_run, tmp_path: Path) -> None:
     """README's way to run experiments side by side: each `--temp` run works in its own copy."""
-    repo = committed_pipeline(baseline, tmp_path)
+    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     runs = [subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"seed-{seed}",

@@ -184,7 +184,6 @@ def test_a_name_added_to_a_registry_is_accepted_and_built(tmp_path, monkeypatch)
         load_params(path)
 
 
-
 def test_an_arch_switch_lists_every_knob_that_does_not_suit_it_and_its_preset(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # where presets/ is
     path = write_params(tmp_path, lambda p: p["train"].update(arch="mnist_mlp"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -104,11 +104,10 @@ def readme_outputs() -> list[str]:
     return paths
 
 
-def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball, monkeypatch) -> None:
-    repo = init_repo(project, tarball)
-    first = dvc(repo, "repro")
+def test_full_pipeline_experiments_metrics_and_plots(pipeline_run, tmp_path: Path, monkeypatch) -> None:
+    repo, first = copy_repo(pipeline_run[0], tmp_path / "repo"), pipeline_run[1]  # `dvc repro`, committed
     for stage in ("download", "extract", "preprocess", "train", "finetune", "export", "evaluate"):
-        assert f"Running stage '{stage}'" in first.stdout
+        assert f"Running stage '{stage}'" in first
     for name in ("train", "finetune"):
         assert (repo / "models" / name / "model.pt").is_file()
         sidecar = json.loads((repo / "models" / name / "model.json").read_text())
@@ -124,8 +123,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball, mon
     again = dvc(repo, "repro")
     assert "Running stage" not in again.stdout
     assert dvc(repo, "status", "-q", check=False).returncode == 0
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baseline")
+    assert git(repo, "status", "--porcelain").stdout == ""  # the rerun left the commit as it was
     fetch_a_registered_model(repo)
 
     # An experiment with another learning rate is listed with its metrics.
@@ -139,7 +137,7 @@ def test_full_pipeline_experiments_metrics_and_plots(project: Path, tarball, mon
     # DVC's run cache: a repeated experiment is restored, not run. And a forced rerun trains
     # afresh: the finished run's checkpoint is gone, so there is nothing to resume.
     dvc(repo, "exp", "run", "-S", "train.lr=0.5")
-    repeated = dvc(repo, "exp", "run", "-S", "train.lr=0.5")
+    repeated = dvc(repo, "exp", "run", "-S", "train.lr=0.05")  # low-lr's params again
     for stage in ("train", "finetune", "export", "evaluate"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in repeated.stdout
     assert "Running stage" not in repeated.stdout

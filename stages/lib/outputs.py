@@ -134,8 +134,8 @@ def write_json(dest: Path, data: object) -> None:
 
 
 def stage_main(main: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a stage's main(): an expected failure prints one `error:` line and exits 1 (the
-    stage's module answered `--help` before, in params.preflight)."""
+    """Wrap a stage's main(): an expected failure prints one `error:` line and exits 1.
+    (`--help` is answered before: by params.preflight, or predict's argparse.)"""
 
     @functools.wraps(main)
     def wrapper() -> None:
