@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from bench.flops import BASELINE, ROOT, matmul_peak, recipe_flops, recipe_params, step_throughput
-from stages.lib.card import load_trained
+from stages.lib.card import ModelCard, load_trained
 from stages.lib.data import decode_split, normalize, read_annotations, read_classes
 from stages.lib.devices import cpu_summary, pick_precision
 from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
@@ -83,7 +83,7 @@ def run(recipe: Recipe, images_dir: Path, seed: int) -> None:
         seconds = train_once(images_dir, recipe.params, seed, Path(tmp))
         levels = test_accuracies(images_dir, Path(tmp) / "model")
         stage = json.loads((Path(tmp) / "metrics.json").read_text())
-    tta = recipe.params["train"]["tta"]
+        tta = ModelCard.read(Path(tmp) / "model").params["tta"]  # as the stage resolved `auto`
     recipe.accuracies.append(levels[tta])
     recipe.stage_seconds.append(seconds)
     recipe.training_seconds.append(stage["train_seconds"])

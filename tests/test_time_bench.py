@@ -93,3 +93,14 @@ def test_table_gives_mean_spread_and_time_ratio_to_the_baseline(monkeypatch) -> 
                                 "300.0", "1.00", "300", "0.50"]
     assert lines[2].split() == ["default", "0.9100", "+-", "0.0000", "305", "250", "0.50",
                                 "150.0", "0.50", "300", "0.50"]
+
+
+def test_a_timed_run_scores_the_tta_level_its_stage_resolved(image_folder, capsys) -> None:
+    params = recipe_params("default", {"train.epochs": 1.0, "train.batch_size": 30,
+                                       "train.eval_batch_size": 50, "train.freeze_from": 0,
+                                       "train.select_from": 0})
+    assert params["train"]["tta"] == "auto"
+    recipe = Recipe("default", params)
+    time_to_accuracy.run(recipe, image_folder, seed=0)
+    assert len(recipe.accuracies) == 1 and 0 <= recipe.accuracies[0] <= 1
+    assert "seed 0: test accuracy (flip_shift) " in capsys.readouterr().out  # CIFAR-10: auto's level
