@@ -53,9 +53,10 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
-def copy_project(dest: Path) -> Path:
+def copy_project(dest: Path, names: tuple[str, ...] = ("stages", "dvc.yaml", "params.yaml")) -> Path:
+    """The project's files `names` (by default what a pipeline run needs) copied into `dest`."""
     dest.mkdir(parents=True)
-    for name in ("stages", "dvc.yaml", "params.yaml"):
+    for name in names:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

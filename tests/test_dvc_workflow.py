@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import copy_repo
-from tests.test_pipeline import dvc
+from tests.test_pipeline import dvc, dvc_env
 
 pytestmark = pytest.mark.slow
 QUEUE_TIMEOUT_SECONDS = 600
@@ -36,9 +35,7 @@ def test_queued_sweep_runs_and_compares(pipeline_run, tmp_path: Path) -> None:
     try:
         # not through a pipe: the workers it starts could hold a captured stdout open, and
         # reading it to its end would then wait for them (seen once: a run hung here)
-        env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, env=dvc_env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120)
         status = wait_for_queue(repo)
     finally:
@@ -80,10 +77,8 @@ def test_push_then_pull_restores_everything_from_a_remote(pipeline_run, tmp_path
 def test_two_temp_experiments_at_once_each_record_their_own_params(pipeline_run, tmp_path: Path) -> None:
     """README's way to run experiments side by side: each `--temp` run works in its own copy."""
     repo = copy_repo(pipeline_run[0], tmp_path / "repo")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     runs = [subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"seed-{seed}",
-                              "-S", f"train.seed={seed}"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              "-S", f"train.seed={seed}"], cwd=repo, env=dvc_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True) for seed in (11, 12)]
     errors = [run.communicate(timeout=600)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errors

@@ -3,7 +3,6 @@ clone of the project with generated MNIST files standing in for ../shared/data."
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from stages.lib.params import load_params
-from tests.conftest import ROOT
+from tests.conftest import copy_project
 from tests.idx_format import idx_payloads, write_idx_files
 from tests.test_pipeline import committed, dvc, readme_outputs, run
 
@@ -23,14 +22,7 @@ CLONED = ("stages", "presets", "dvc.yaml", "params.yaml", "Makefile", ".gitignor
 
 def clone(dest: Path) -> Path:
     """The project's tracked files a run needs, committed in a new git and DVC repo."""
-    dest.mkdir()
-    for name in CLONED:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, dest / name)
-    return committed(dest)
+    return committed(copy_project(dest, CLONED))
 
 
 def make(repo: Path, *args: str) -> str:

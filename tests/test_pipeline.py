@@ -23,11 +23,15 @@ EXP_TABLE = ("--only-changed", "--drop", ".*(seconds|per_second|loss|models/|Cre
              "--sort-by", "metrics/eval/finetune.json:accuracy_tta_flip_shift", "--sort-order", "desc")
 
 
+def dvc_env(**extra: str) -> dict[str, str]:
+    """The environment of a `dvc` subprocess: the stages' `python` must be this interpreter,
+    as `make` arranges."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           # the stages' `python` must be this interpreter, as `make` arranges
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=dvc_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -238,9 +242,8 @@ def test_dvc_repro_after_sigkill_resumes_training(project: Path, tarball) -> Non
     repo = init_repo(project, tarball)
     set_param(repo, "train", "epochs", 4.0)
     dvc(repo, "repro", "preprocess")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo,
+                               env=dvc_env(PYTHONUNBUFFERED="1"),
                                text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     for line in process.stdout:  # printed once the epoch's checkpoint is on disk
