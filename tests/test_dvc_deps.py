@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import registry
 from tests.conftest import ROOT
 
 
@@ -35,7 +35,7 @@ def stage_imports(module: str, found: set[str] | None = None) -> set[str]:
         if name.startswith("stages."):
             stage_imports(name, found)
     if path == "stages/lib/nets.py":  # build_model imports the registered architectures' modules
-        for target in ARCHS.values():
+        for target in registry().values():
             stage_imports(target.target.split(":")[0], found)
     return found
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import registry
 from stages.lib.card import load_trained, save_model
 from stages.lib.nets import (AirbenchNet, Conv3x3, DiracConv, PatchMatmulConv, as_conv3x3,
                              build_model, init_whitening)
@@ -13,7 +13,7 @@ from stages.lib.outputs import StageError
 from tests.conftest import model_card
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", registry())
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (1, 32, 32), (3, 64, 48)])
 def test_each_arch_maps_images_of_any_shape_to_one_logit_per_class(arch: str, shape: tuple) -> None:
     model = build_model(arch, 7, shape).eval()
@@ -26,7 +26,7 @@ def test_each_arch_maps_images_of_any_shape_to_one_logit_per_class(arch: str, sh
         n for n in roles if n.startswith(model.HEAD)} != set()
     assert set(model.STEM) <= set(model.state_dict())
     # the registry's blocks are the model's own: each prefix names trainable parameters
-    assert all(any(n.startswith(block) for n in roles) for block in ARCHS[arch].blocks)
+    assert all(any(n.startswith(block) for n in roles) for block in registry()[arch].blocks)
 
 
 def test_airbench_pools_as_airbench94_at_32x32() -> None:

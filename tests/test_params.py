@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.lib.archs import ARCHS, Arch
+from stages.lib.archs import SEARCH, registry
 from stages.lib.nets import build_model
 from stages.lib.params import ParamsError, load_params
 
@@ -169,19 +169,43 @@ def test_an_unknown_key_gets_the_closest_known_one(tmp_path) -> None:
         load_params(path)
 
 
-def test_a_name_added_to_a_registry_is_accepted_and_built(tmp_path, monkeypatch) -> None:
-    """Adding an architecture: its class in a module, one entry in archs.ARCHS."""
-    module = tmp_path / "tiny_net_for_test.py"
-    module.write_text("from stages.lib.nets import QuickstartMLP\n\nclass TinyNet(QuickstartMLP):\n    pass\n")
+TINY = """from stages.lib.archs import architecture
+from stages.lib.nets import QuickstartMLP
+
+
+@architecture("tiny", {args})
+class TinyNet(QuickstartMLP):
+    pass
+"""
+
+
+def test_an_architecture_marked_in_a_new_module_is_accepted_and_built(tmp_path, monkeypatch) -> None:
+    """Adding an architecture: one marked class in one file, read by params without importing it."""
+    (tmp_path / "tiny_net_for_test.py").write_text(
+        TINY.format(args='any_size=True, blocks=("linear_relu_stack.0.", "linear_relu_stack.2.")'))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(ARCHS, "tiny", Arch("tiny_net_for_test:TinyNet", any_size=True,
-                                            blocks=("linear_relu_stack.0.", "linear_relu_stack.2.")))
+    monkeypatch.setitem(SEARCH, tmp_path, "")
     path = write_params(tmp_path, lambda p: p["train"].update(arch="tiny"))
     assert load_params(path).train.arch == "tiny"  # and its recipe cuts too: it declares it takes them
+    assert "tiny_net_for_test" not in sys.modules  # params read the mark, not the module
     assert type(build_model("tiny", 10, (1, 28, 28))).__name__ == "TinyNet"
-    monkeypatch.delitem(ARCHS, "tiny")
-    with pytest.raises(ParamsError, match=r"train.arch must be one of \['airbench'"):
+    monkeypatch.delitem(SEARCH, tmp_path)
+    with pytest.raises(ParamsError, match=r"train.arch must be one of \['airbench', 'lenet'"):
         load_params(path)
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    ("blocks=BLOCKS", r"tiny_net_for_test.py:5: @architecture takes a name and any_size, blocks, all literals"),
+    ("", r"architecture 'tiny' is registered twice \(tiny_net_for_test:TinyNet and "
+         r"tiny_net_for_test2:TinyNet\); rename one"),
+])
+def test_a_mark_params_cannot_read_is_refused_naming_its_file(tmp_path, monkeypatch, args, problem) -> None:
+    (tmp_path / "tiny_net_for_test.py").write_text(TINY.format(args=args))
+    if not args:
+        (tmp_path / "tiny_net_for_test2.py").write_text(TINY.format(args=args))
+    monkeypatch.setitem(SEARCH, tmp_path, "")
+    with pytest.raises(ValueError, match=problem):
+        registry()
 
 
 def test_an_arch_switch_lists_every_knob_that_does_not_suit_it_and_its_preset(tmp_path, monkeypatch) -> None:

@@ -1,11 +1,25 @@
-"""The architectures `train.arch` may name: for each, the "module:class" that builds it and
-what params must know of it before torch is imported, to refuse knobs that do not suit it in
-one message (params.arch_problems). model.build_model imports only the module it needs.
+"""The architectures `train.arch` may name. Each registers where its class is defined, in any
+module of stages/lib/, with a mark that states what params must know of it:
 
-Adding an architecture: its class (an nets.Architecture) in any module, and one entry here."""
+    @architecture("lenet", blocks=("conv1.", "conv2.", "fc1.", "fc2."))
+    class LeNet(Architecture): ...
+
+Adding an architecture is that: a marked class, in one file. params refuses an unknown name, or
+a recipe cut the architecture cannot take, before torch is imported (in one message with every
+other problem, params.arch_problems), and the modules that define architectures import torch; so
+`registry()` reads the marks from their source instead of importing them. The mark's arguments
+must therefore be literals. model.build_model imports only the module it needs."""
 from __future__ import annotations
 
+import ast
+import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+Class = TypeVar("Class", bound=type)
+# folder -> the package its modules are in; tests add a temporary one
+SEARCH: dict[Path, str] = {Path(__file__).parent: __package__ or "stages.lib"}
 
 
 @dataclass(frozen=True)
@@ -16,12 +30,46 @@ class Arch:
     blocks: tuple[str, ...] = ()
 
 
-ARCHS = {
-    "airbench": Arch("stages.lib.nets:AirbenchNet", any_size=True,
-                     blocks=("groups.0.", "groups.1.", "groups.2.")),  # the stem's bias stops on its own
-    "lenet": Arch("stages.lib.nets:LeNet", blocks=("conv1.", "conv2.", "fc1.", "fc2.")),
-    "resnet18": Arch("stages.lib.resnets:ResNet18", any_size=True),
-    "resnet18_imagenet": Arch("stages.lib.resnets:ResNet18ImageNet", any_size=True),
-    "mlp": Arch("stages.lib.nets:QuickstartMLP"),
-    "mnist_mlp": Arch("stages.lib.nets:MnistMLP"),
-}
+def architecture(name: str, any_size: bool = False,
+                 blocks: tuple[str, ...] = ()) -> Callable[[Class], Class]:
+    """Registers the class it marks as architecture `name` (the arguments as in Arch). It does
+    nothing when the module runs: `registry()` reads it from the source."""
+    return lambda cls: cls
+
+
+def registry() -> dict[str, Arch]:
+    """Every marked architecture under SEARCH's folders, by name."""
+    return _scan(tuple(SEARCH.items()))
+
+
+@functools.cache
+def _scan(search: tuple[tuple[Path, str], ...]) -> dict[str, Arch]:
+    found: dict[str, Arch] = {}
+    for folder, package in search:
+        for path in sorted(folder.glob("*.py")):
+            text = path.read_text()
+            if "@architecture(" in text:
+                module = f"{package}.{path.stem}" if package else path.stem
+                for name, arch in _marks(path, text, module):
+                    if name in found:
+                        raise ValueError(f"{path}: architecture {name!r} is registered twice "
+                                         f"({found[name].target} and {arch.target}); rename one")
+                    found[name] = arch
+    return dict(sorted(found.items()))
+
+
+def _marks(path: Path, text: str, module: str) -> list[tuple[str, Arch]]:
+    """The (name, Arch) of each class in `path` marked @architecture(...)."""
+    marks = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        for mark in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
+            if isinstance(mark, ast.Call) and getattr(mark.func, "id", None) == "architecture":
+                try:
+                    name, *rest = [ast.literal_eval(arg) for arg in mark.args]
+                    keywords = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
+                    arch = Arch(f"{module}:{node.name}", *rest, **keywords)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"{path}:{mark.lineno}: @architecture takes a name and "
+                                     f"any_size, blocks, all literals ({err})") from None
+                marks.append((name, Arch(arch.target, arch.any_size, tuple(arch.blocks))))
+    return marks

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import registry
 from stages.lib.folder import MODES
 from stages.lib.nets import Architecture, build_model
 from stages.lib.outputs import StageError, atomic_dir
@@ -59,8 +59,8 @@ class ModelCard:
         return card
 
     def check(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; expected one of {list(ARCHS)}")
+        if self.arch not in registry():
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {list(registry())}")
         if not self.classes or not all(isinstance(c, str) for c in self.classes):
             raise ValueError(f"classes must be a list of names, found {self.classes}")
         if len(self.input_size) != 2 or not all(isinstance(n, int) and n > 0 for n in self.input_size):

@@ -1,4 +1,5 @@
-"""The architectures, by name (ARCHS), each built for the data's input shape (channels,
+"""The architectures, each registered by name (@architecture, archs.py) and built for the
+data's input shape (channels,
 height, width) and class count, and each declaring what training and finetuning need to know
 of it, so that the loop names no architecture:
 
@@ -10,7 +11,7 @@ of it, so that the loop names no architecture:
   and airbench's "norm_bias" and "stem_bias");
 - `prepare(images)`: data-dependent initialisation before training (airbench's whitening).
 
-What params checks without torch (the sizes it takes, its blocks) is in archs.ARCHS.
+What params checks without torch (the sizes it takes, its blocks) is in each one's mark.
 
 Architectures: `airbench` (the fast default), `lenet` (the 60-minute blitz), `resnet18`
 (torchvision's, CIFAR stem), `resnet18_imagenet` (torchvision's as it is, for photos and
@@ -24,7 +25,7 @@ import importlib
 import torch
 from torch import nn
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import architecture, registry
 
 # airbench fits its whitening to 5,000 CIFAR images' 2x2 patches (31 x 31 each): enough for a
 # stable covariance. Larger images give more patches each, so fewer of them are read: the
@@ -48,6 +49,7 @@ class Architecture(nn.Module):
         """Nothing to fit to the data."""
 
 
+@architecture("mlp")
 class QuickstartMLP(Architecture):
     """The PyTorch quickstart's network: flatten, 512, ReLU, 512, ReLU, logits."""
 
@@ -66,6 +68,7 @@ class QuickstartMLP(Architecture):
         return self.linear_relu_stack(self.flatten(x))
 
 
+@architecture("mnist_mlp")
 class MnistMLP(Architecture):
     """The MNIST tutorial's network: flatten, 128, ReLU, dropout 0.2, logits."""
 
@@ -82,6 +85,7 @@ class MnistMLP(Architecture):
         return self.layers(x)
 
 
+@architecture("lenet", blocks=("conv1.", "conv2.", "fc1.", "fc2."))
 class LeNet(Architecture):
     """The 60-minute blitz network (1x32x32 in the MNIST tutorial, 3x32x32 for CIFAR-10):
     two 5x5 convs with 2x2 max-pools, then 120, 84, logits; the first linear layer's width
@@ -222,6 +226,8 @@ class ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
+# the stem's bias is no block: it stops training on its own (whiten_bias_epochs)
+@architecture("airbench", any_size=True, blocks=("groups.0.", "groups.1.", "groups.2."))
 class AirbenchNet(Architecture):
     """airbench94's network: frozen patch-whitening stem, three conv groups (64/256/256),
     global max-pool, a bias-free linear head scaled by 1/9 (keeps initial logits small).
@@ -299,9 +305,10 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
 
 def build_model(arch: str, num_classes: int, shape: tuple[int, int, int]) -> Architecture:
     """`arch` for `num_classes` classes and inputs of `shape` (channels, height, width)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
-    module, name = ARCHS[arch].target.split(":")
+    archs = registry()
+    if arch not in archs:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {list(archs)}")
+    module, name = archs[arch].target.split(":")
     return getattr(importlib.import_module(module), name)(num_classes, *shape)
 
 

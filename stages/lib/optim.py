@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import registry
 from stages.lib.nets import Architecture
 from stages.lib.params import TrainParams
 
@@ -91,7 +91,7 @@ def scratch_groups(model: Architecture, params: TrainParams) -> list[Group]:
                                        whiten_bias_epochs=params.whiten_bias_epochs, muon_lr=muon_lr))
     if not params.freeze_from:
         return groups
-    blocks = ARCHS[params.arch].blocks[:params.freeze_blocks]  # params checked there are enough
+    blocks = registry()[params.arch].blocks[:params.freeze_blocks]  # params checked there are enough
     return freeze_leading(groups, model, blocks, params.freeze_from)
 
 

@@ -10,11 +10,11 @@ import difflib
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import yaml
 
-from stages.lib.archs import ARCHS
+from stages.lib.archs import registry
 from stages.lib.datasets import DATASETS
 from stages.lib.outputs import StageError
 
@@ -26,16 +26,17 @@ Amp = Literal["auto", True, False]
 # Test-time augmentation levels, each adding views to the one before (loop.TTA_WEIGHTS); every
 # list of them (train.tta's values, evaluate's metrics) is this one.
 TTA_LEVELS = ("none", "flip", "flip_shift")
-# download.dataset and train.arch: a name in a registry (datasets.DATASETS, archs.ARCHS),
+# download.dataset and train.arch: a name in a registry (datasets.DATASETS, archs.registry()),
 # looked up when params are checked, so that a registered name is accepted wherever it is added
 @dataclasses.dataclass(frozen=True, eq=False)
 class Registered:
-    """An Annotated mark: the value must be a key of `registry` (hashed by identity)."""
-    registry: dict
+    """An Annotated mark: the value must be a key of what `registry()` returns (hashed by
+    identity)."""
+    registry: Callable[[], Mapping[str, object]]
 
 
-DatasetName = Annotated[str, Registered(DATASETS)]
-ArchName = Annotated[str, Registered(ARCHS)]
+DatasetName = Annotated[str, Registered(lambda: DATASETS)]
+ArchName = Annotated[str, Registered(registry)]
 
 
 class ParamsError(StageError):
@@ -209,7 +210,7 @@ class TrainParams:
 
 def arch_problems(params: TrainParams, section: str) -> list[str]:
     """The recipe cuts `params` turns on that its architecture cannot take, each with its fix."""
-    arch = ARCHS[params.arch]
+    arch = registry()[params.arch]
     problems = []
     if params.progressive_from and not arch.any_size:
         problems.append(f"{section}.progressive_from {params.progressive_from}: set it to 0 "
@@ -364,7 +365,7 @@ def closest(key: str, section: str, names: list[str]) -> str | None:
 
 def _convert(hint: Any, value: object, key: str) -> object:
     if typing.get_origin(hint) is Annotated:  # a name in the registry it is annotated with
-        registry = hint.__metadata__[0].registry
+        registry = hint.__metadata__[0].registry()
         _require(type(value) is str and value in registry, key, f"one of {list(registry)}", value)
         return value
     options = typing.get_args(hint)

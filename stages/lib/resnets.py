@@ -1,4 +1,4 @@
-"""torchvision's ResNet-18 as two architectures (stages/lib/archs.py names them): with a CIFAR
+"""torchvision's ResNet-18 as two architectures: with a CIFAR
 stem, and as it is for photos and ImageNet weights. Their own module because torchvision
 takes a second to import, which the other architectures' stages need not pay."""
 from __future__ import annotations
@@ -6,9 +6,11 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
+from stages.lib.archs import architecture
 from stages.lib.nets import Architecture, as_conv3x3
 
 
+@architecture("resnet18", any_size=True)
 class ResNet18(torchvision.models.ResNet, Architecture):
     """torchvision's ResNet-18 with a CIFAR stem (3x3 conv, stride 1, no max-pool) for any
     channel count; its average pool is adaptive, so any size from 8x8 up works.
@@ -32,6 +34,7 @@ class ResNet18(torchvision.models.ResNet, Architecture):
             block.conv2 = as_conv3x3(block.conv2)  # always stride 1
 
 
+@architecture("resnet18_imagenet", any_size=True)
 class ResNet18ImageNet(torchvision.models.ResNet, Architecture):
     """torchvision's ResNet-18 as it is, ImageNet stem included (7x7 conv, stride 2, then a
     max-pool: a quarter of the side before the first block), for photos at 96 px and more. An
