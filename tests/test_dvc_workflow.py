@@ -74,17 +74,40 @@ def test_push_then_pull_restores_everything_from_a_remote(pipeline_run, tmp_path
     assert (repo / "plots" / "eval" / "finetune" / "confusion.csv").is_file()
 
 
-def test_two_temp_experiments_at_once_each_record_their_own_params(pipeline_run, tmp_path: Path) -> None:
-    """README's way to run experiments side by side: each `--temp` run works in its own copy."""
-    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
-    runs = [subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"seed-{seed}",
+def start_experiments(repo: Path, *flags: str) -> list[tuple[int, str]]:
+    """`dvc exp run [flags] -S train.seed=N`, named seed-N, for seeds 11 and 12 started together:
+    each one's exit status and what it printed on stderr."""
+    runs = [subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", *flags, "-n", f"seed-{seed}",
                               "-S", f"train.seed={seed}"], cwd=repo, env=dvc_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True) for seed in (11, 12)]
     errors = [run.communicate(timeout=600)[1] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], errors
-    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["seed"] == 0  # untouched
+    return [(run.returncode, error) for run, error in zip(runs, errors)]
+
+
+def recorded_experiments(repo: Path) -> list[dict]:
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    recorded = [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
+    return [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
+
+
+def test_two_plain_experiments_at_once_stop_with_a_message_each_and_record_nothing(pipeline_run, tmp_path) -> None:
+    """DVC runs one experiment per workspace, and two started together take each other's params:
+    one stops at DVC's lock ("is busy"), the other at its next stage of ours, before any output."""
+    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
+    errors = [error for status, error in start_experiments(repo) if status != 0]
+    assert len(errors) == 2, errors
+    assert sum("is busy, it is being blocked by" in error for error in errors) == 1, errors
+    assert sum("another `dvc exp run` started in this workspace" in error for error in errors) == 1, errors
+    assert recorded_experiments(repo) == []
+    assert json.loads((repo / "models/train/model.json").read_text())["params"]["seed"] == 0
+
+
+def test_two_temp_experiments_at_once_each_record_their_own_params(pipeline_run, tmp_path: Path) -> None:
+    """README's way to run experiments side by side: each `--temp` run works in its own copy."""
+    repo = copy_repo(pipeline_run[0], tmp_path / "repo")
+    finished = start_experiments(repo, "--temp")
+    assert [status for status, _ in finished] == [0, 0], finished
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["seed"] == 0  # untouched
+    recorded = recorded_experiments(repo)
     assert sorted(run["name"] for run in recorded) == ["seed-11", "seed-12"]
     for run in recorded:
         seed = run["data"]["params"]["params.yaml"]["data"]["train"]["seed"]

@@ -18,7 +18,7 @@ from stages.extract import extract
 from stages.lib import loop
 from stages.lib.datasets import DATASETS
 from stages.lib.loop import Checkpoint, fit
-from stages.lib.outputs import StageError, atomic_dir, stage_main, write_json
+from stages.lib.outputs import EXPERIMENT_RECORD, StageError, atomic_dir, stage_main, write_json
 from stages.lib.params import PreprocessParams
 from stages.preprocess import preprocess
 from tests.cifar_format import batch_members, dumps_py2, unpickle_trusted, write_tarball
@@ -184,3 +184,31 @@ def test_an_output_is_refused_when_params_yaml_changed_under_the_stage(tmp_path,
 
     unchanged()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"seed": 12}
+
+
+def test_a_workspace_experiment_whose_dvc_record_is_gone_stops_before_any_output(tmp_path, monkeypatch) -> None:
+    """What a second `dvc exp run` beside this one leaves (deleted, or its own name in it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 11\n")
+    record = tmp_path / EXPERIMENT_RECORD
+    record.parent.mkdir(parents=True)
+    monkeypatch.setenv("DVC_EXP_NAME", "seed-11")
+
+    @stage_main
+    def main() -> None:
+        write_json(tmp_path / "metrics.json", {"seed": 11})
+
+    for root, recorded, lands in [(tmp_path, "seed-11", True), (tmp_path.parent, None, True),  # --temp's copy
+                                  (tmp_path, "seed-12", False), (tmp_path, None, False)]:
+        monkeypatch.setenv("DVC_ROOT", str(root))
+        record.unlink(missing_ok=True)
+        if recorded:
+            record.write_text(json.dumps({"name": recorded, "status": 2}))
+        (tmp_path / "metrics.json").unlink(missing_ok=True)
+        if lands:
+            main()
+        else:
+            with pytest.raises(SystemExit, match=r"another `dvc exp run` started in this workspace while "
+                                                 r"experiment seed-11 ran .* Nothing was written"):
+                main()
+        assert (tmp_path / "metrics.json").exists() == lands

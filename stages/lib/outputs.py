@@ -44,8 +44,36 @@ def check_params_unchanged() -> None:
         now = None
     if now != content:
         raise StageError(f"{path} changed while this stage ran: another `dvc exp run` in this "
-                         "workspace? Nothing was written. Run experiments side by side with "
-                         "`dvc exp run --temp`, or `dvc exp run --queue` and `dvc queue start`")
+                         f"workspace? Nothing was written. {SIDE_BY_SIDE}")
+    check_experiment_record()
+
+
+SIDE_BY_SIDE = ("Run experiments side by side with `dvc exp run --temp`, or `dvc exp run --queue` "
+                "and `dvc queue start`")
+# Where `dvc exp run` (in the workspace: not --temp or --queue) keeps its record of the
+# experiment it runs. DVC runs one experiment per workspace: a second `dvc exp run` started
+# beside it takes its queued params, and deletes this record when it fails, so DVC can record
+# neither; this run then stops at once with one message instead of failing in DVC at the end.
+# A DVC version that moved it fails the end-to-end tests' `dvc exp run`, not silently.
+EXPERIMENT_RECORD = Path(".dvc/tmp/exps/run/workspace/workspace.run")
+
+
+def check_experiment_record() -> None:
+    """Stop if this stage runs in a workspace experiment whose DVC record is gone or names
+    another experiment (DVC's environment names it: DVC_EXP_NAME, DVC_ROOT)."""
+    name, root = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_ROOT")
+    if not name or not root or Path(root).resolve() != Path.cwd().resolve():
+        return  # not an experiment, or one in a copy of its own (--temp, --queue)
+    record = Path(root) / EXPERIMENT_RECORD
+    try:
+        recorded = json.loads(record.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != name:
+        raise StageError(f"another `dvc exp run` started in this workspace while experiment "
+                         f"{name} ran ({record}, DVC's record of it, is gone or names another): "
+                         f"DVC runs one experiment per workspace and can record neither. Nothing "
+                         f"was written. {SIDE_BY_SIDE}")
 
 
 @contextlib.contextmanager
@@ -142,6 +170,7 @@ def stage_main(main: Callable[[], None]) -> Callable[[], None]:
         params = Path("params.yaml").resolve()
         token = PARAMS_READ.set((params, params.read_bytes()) if params.is_file() else None)
         try:
+            check_experiment_record()
             main()
         except StageError as err:
             raise SystemExit(f"error: {err}") from None
