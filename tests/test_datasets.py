@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import stages.lib.datasets
 from stages.download import download
 from stages.extract import extract
-from stages.lib.datasets import DATASETS, IDX_FILES
+from stages.lib.datasets import DATASETS, IDX_FILES, Dataset
 from stages.lib.outputs import StageError
-from stages.lib.params import DownloadParams, PreprocessParams
+from stages.lib.params import DownloadParams, PreprocessParams, load_params
 from stages.preprocess import preprocess
 from tests.cifar_format import CIFAR100_FINE, cifar100_members, dumps_py2, write_tarball
+from tests.conftest import ROOT
 from tests.folder_format import write_folder
 from tests.idx_format import idx_bytes, idx_payloads, write_idx_files
 
@@ -39,6 +41,23 @@ def through_preprocess(tmp_path: Path, name: str, url: str, md5: object) -> Path
     extract(raw, extracted, DATASETS[name])
     preprocess(extracted, images, SPLIT, DATASETS[name])
     return images
+
+
+def test_a_data_set_added_in_one_entry_is_accepted_by_params_and_prepared(tmp_path, monkeypatch) -> None:
+    """Adding a data set: one entry in datasets.DATASETS. Here an IDX one whose official home
+    is a folder of generated files; params accepts it and resolves its flips, the data stages
+    build its image folder."""
+    home = tmp_path / "home"
+    md5 = write_idx_files(home, idx_payloads())
+    kana = tuple(f"kana_{i}" for i in range(10))
+    monkeypatch.setitem(DATASETS, "kmnist", Dataset("kmnist", "idx", f"{home}/", md5, classes=kana, flips=False))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["download"]["dataset"] = "kmnist"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    assert params.download.dataset == "kmnist" and params.train.flip is False and params.train.tta == "none"
+    images = through_preprocess(tmp_path, "kmnist", None, None)
+    assert json.loads((images / "classes.json").read_text()) == list(kana)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])

@@ -130,18 +130,20 @@ def test_full_pipeline_experiments_metrics_and_plots(pipeline_run, tmp_path: Pat
     assert git(repo, "status", "--porcelain").stdout == ""  # the rerun left the commit as it was
     fetch_a_registered_model(repo)
 
-    # An experiment with another learning rate is listed with its metrics.
-    dvc(repo, "exp", "run", "-n", "low-lr", "-S", "train.lr=0.05")
+    # An experiment with another learning rate, for one epoch, is listed with its metrics.
+    dvc(repo, "exp", "run", "-n", "low-lr", "-S", "train.lr=0.05", "-S", "train.epochs=1")
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     experiments = [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
     low = next(r for r in experiments if r["name"] == "low-lr")
     assert low["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
     assert "accuracy" in low["data"]["metrics"]["metrics/eval/train.json"]["data"]
 
-    # DVC's run cache: a repeated experiment is restored, not run. And a forced rerun trains
-    # afresh: the finished run's checkpoint is gone, so there is nothing to resume.
-    dvc(repo, "exp", "run", "-S", "train.lr=0.5")
-    repeated = dvc(repo, "exp", "run", "-S", "train.lr=0.05")  # low-lr's params again
+    # DVC's run cache: a repeated experiment, from the committed workspace, is restored, not
+    # run. And a forced rerun trains afresh: the finished run's checkpoint is gone, so there is
+    # nothing to resume.
+    git(repo, "checkout", "--", ".")
+    dvc(repo, "checkout", "-q")
+    repeated = dvc(repo, "exp", "run", "-S", "train.lr=0.05", "-S", "train.epochs=1")  # low-lr's params
     for stage in ("train", "finetune", "export", "evaluate"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in repeated.stdout
     assert "Running stage" not in repeated.stdout
@@ -172,15 +174,15 @@ def test_full_pipeline_experiments_metrics_and_plots(pipeline_run, tmp_path: Pat
     header = table[0].split(",")
     assert len(table) >= 1 + 3 and "metrics/eval/finetune.json:accuracy_tta_flip_shift" in header
     assert not [c for c in header if "seconds" in c or "accuracy_cat" in c or c.startswith("models/")]
-    assert len(header) <= 23, header  # 7 params changed across the experiments
+    assert len(header) <= 26, header  # 8 params changed across the experiments, and train's epochs and steps
 
-    # A committed change of params shows in `dvc metrics diff` against the previous commit.
+    # An experiment applied and committed shows in `dvc metrics diff` against the commit before.
     git(repo, "checkout", "--", ".")
     dvc(repo, "checkout", "-q")
-    set_param(repo, "train", "epochs", 1.0)
-    dvc(repo, "repro")
+    dvc(repo, "exp", "apply", "low-lr")
+    assert dvc(repo, "status", "-q", check=False).returncode == 0  # its outputs, from the cache
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "one epoch")
+    git(repo, "commit", "-qm", "low lr, one epoch")
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD~1", "--json").stdout)
     assert "old" in diff["metrics/train.json"]["epochs"]
     assert diff["metrics/train.json"]["epochs"]["new"] == 1.0
