@@ -9,8 +9,8 @@ from stages.lib.card import load_weights
 from stages.lib.data import BatchLoader, Sampling
 from stages.lib.devices import pick_device, pick_precision
 from stages.lib.inference import TTA_WEIGHTS, predict_levels, predict_logits, tta_views
-from stages.lib.loop import (Checkpoint, Env, Training, fit, progressive_size, rng_tensor,
-                             start_groups, train_one_epoch, warm_up)
+from stages.lib.loop import (Checkpoint, Env, Training, final_levels, fit, progressive_size,
+                             rng_tensor, start_groups, train_one_epoch, training_loader, warm_up)
 from stages.lib.nets import AirbenchNet, build_model
 from stages.lib.optim import (Muon, Rates, WeightAverage, lr_factor, orthogonalize, param_groups,
                               scratch_groups)
@@ -144,6 +144,17 @@ def make_training(seed: int = 0, **changes) -> Training:
         Sampling(crop_padding=2, flip=True, shuffle=True, drop_last=True, seed=seed))
     groups = param_groups(model, Rates(params.lr, params.lr, 0.0, 1.0))
     return Training(model, groups, params, loader, Env(CPU, pick_precision(CPU, params.amp)))
+
+
+def test_augmentations_left_auto_are_refused_not_taken_as_on() -> None:
+    """`auto` is resolved for the data set by params.load_params; a TrainParams built without it
+    must not flip digits."""
+    images, labels = toy_data()
+    with pytest.raises(ValueError, match=r"train.flip is still 'auto'"):
+        training_loader(train_params(flip="auto"), images, labels, seed=0)
+    with pytest.raises(ValueError, match=r"train.tta is still 'auto'"):
+        final_levels(train_params(tta="auto"))
+    assert final_levels(train_params(tta="flip")) == ["none", "flip"]
 
 
 def test_training_learns_a_separable_toy_task() -> None:

@@ -8,12 +8,12 @@ Adding an architecture is that: a marked class, in one file. params refuses an u
 a recipe cut the architecture cannot take, before torch is imported (in one message with every
 other problem, params.arch_problems), and the modules that define architectures import torch; so
 `registry()` reads the marks from their source instead of importing them. The mark's arguments
-must therefore be literals. model.build_model imports only the module it needs."""
+must therefore be literals. nets.build_model imports only the module it needs."""
 from __future__ import annotations
 
 import ast
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -68,8 +68,10 @@ def _marks(path: Path, text: str, module: str) -> list[tuple[str, Arch]]:
                     name, *rest = [ast.literal_eval(arg) for arg in mark.args]
                     keywords = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
                     arch = Arch(f"{module}:{node.name}", *rest, **keywords)
+                    if not isinstance(name, str):
+                        raise TypeError(f"the name is {name!r}")
                 except (ValueError, TypeError) as err:
                     raise ValueError(f"{path}:{mark.lineno}: @architecture takes a name and "
                                      f"any_size, blocks, all literals ({err})") from None
-                marks.append((name, Arch(arch.target, arch.any_size, tuple(arch.blocks))))
+                marks.append((name, replace(arch, blocks=tuple(arch.blocks))))
     return marks

@@ -35,6 +35,8 @@ def training_loader(params: TrainParams, images: Images, labels: torch.Tensor, s
                     ranks: Ranks = Ranks()) -> BatchLoader:
     """Shuffled, augmented as `params` say, whole batches only (unless the set is smaller);
     streamed from the pack when the images are."""
+    if params.flip == "auto":  # a truthy string: it would flip digits too
+        raise ValueError("train.flip is still 'auto': resolve it for the data set (params.for_dataset)")
     sampling = Sampling(crop_padding=params.crop_padding, flip=params.flip, shuffle=True,
                         drop_last=len(labels) >= params.batch_size, seed=seed,
                         shard=(ranks.rank, ranks.world), balanced=params.sampler == "balanced")
@@ -414,6 +416,8 @@ def naming_out_of_memory(training: Training) -> Iterator[None]:
 
 def final_levels(params: TrainParams) -> list[str]:
     """The TTA levels the final validation reports: plain, and `tta` where it adds views."""
+    if params.tta == "auto":
+        raise ValueError("train.tta is still 'auto': resolve it for the data set (params.for_dataset)")
     return list(dict.fromkeys(("none", params.tta)))
 
 

@@ -1,7 +1,6 @@
 """The architectures, each registered by name (@architecture, archs.py) and built for the
-data's input shape (channels,
-height, width) and class count, and each declaring what training and finetuning need to know
-of it, so that the loop names no architecture:
+data's input shape (channels, height, width) and class count, and each declaring what
+training and finetuning need to know of it, so that the loop names no architecture:
 
 - `HEAD`: the key prefix of its classifier head (finetune re-initialises it and trains it at
   its own learning rate);

@@ -1,6 +1,6 @@
-"""torchvision's ResNet-18 as two architectures: with a CIFAR
-stem, and as it is for photos and ImageNet weights. Their own module because torchvision
-takes a second to import, which the other architectures' stages need not pay."""
+"""torchvision's ResNet-18 as two architectures: with a CIFAR stem, and as it is for photos
+and ImageNet weights. Their own module because torchvision takes a second to import, which
+the other architectures' stages need not pay."""
 from __future__ import annotations
 
 import torchvision
