@@ -111,11 +111,12 @@ def recipe_flops(params: TrainParams, examples: int = CIFAR_TRAIN, classes: int 
     return total
 
 
-def recipe_params(name: str, changes: dict[str, object]) -> dict:
-    """`default` is params.yaml with `changes`; any other name is that preset on params.yaml."""
+def recipe_params(name: str, changes: dict[str, object], root: Path = ROOT) -> dict:
+    """`default` is root's params.yaml with `changes`; any other name is that preset (in
+    root/presets) on it."""
     if name != "default":
-        return with_preset(ROOT / "presets" / f"{name}.yaml", ROOT / "params.yaml")
-    params = read_yaml(ROOT / "params.yaml")
+        return with_preset(root / "presets" / f"{name}.yaml", root / "params.yaml")
+    params = read_yaml(root / "params.yaml")
     for key, value in changes.items():
         section, name = key.split(".")
         params[section][name] = value

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.flops import recipe_params
 from bench.precision import Config, measure, report
 from stages.lib.clock import Stopwatch
 from stages.lib.data import BatchLoader, decode_split, load_data, normalize, to_device
@@ -37,7 +38,7 @@ from stages.lib.inference import TTA_WEIGHTS, loss_and_accuracy, predict_levels
 from stages.lib.loop import Checkpoint, Env, Training, fit, train_one_epoch, training_loader
 from stages.lib.nets import fresh_model
 from stages.lib.optim import scratch_groups
-from stages.lib.params import TrainParams, build, for_dataset, read_yaml
+from stages.lib.params import TrainParams, build, for_dataset
 
 SUBSET = 4096  # images for the quick checks (2-5)
 CLASSES = 10  # CIFAR-10's: the recipe being checked is CIFAR-10's
@@ -200,11 +201,8 @@ def time_run(params: TrainParams, split: str, train: tuple[torch.Tensor, torch.T
 
 
 def recipe(name: str) -> TrainParams:
-    """params.yaml's train section (`default`), or with presets/NAME.yaml's train keys over it,
-    on CUDA."""
-    train = read_yaml(Path("params.yaml"))["train"]
-    if name != "default":
-        train = {**train, **read_yaml(Path("presets") / f"{name}.yaml").get("train", {})}
+    """The current folder's recipe `name` (bench.flops.recipe_params): its train section, on CUDA."""
+    train = recipe_params(name, {}, Path("."))["train"]
     return dataclasses.replace(for_dataset(build(TrainParams, train, "train"), "cifar10"), device="cuda")
 
 
@@ -277,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             splits["all 50,000 (val 0)"] = ((torch.cat([data.train_images, data.val[0]]),
                                              torch.cat([data.train_labels, data.val[1]])), None)
         runs = []
-        for name, recipe_params in recipes.items():
+        for name, params in recipes.items():
             for split, (train, val) in splits.items():
                 for seed in range(args.seeds):
-                    runs.append(time_run(recipe_params, f"{name}, {split}", train, val, test, seed, work))
+                    runs.append(time_run(params, f"{name}, {split}", train, val, test, seed, work))
                     print(json.dumps(dataclasses.asdict(runs[-1])), flush=True)
     print("\n".join(summary(runs)))
     return 0 if all(results) else 1
