@@ -89,16 +89,31 @@ def recorded_experiments(repo: Path) -> list[dict]:
     return [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
 
 
+# How a `dvc exp run` beside another stops: at DVC's lock on an output, at ours (DVC's record of
+# the experiment is gone), or, when the other held DVC's repo lock too long, at that lock
+STOPPED = ("is busy, it is being blocked by", "another `dvc exp run` started in this workspace",
+           "Unable to acquire lock")
+
+
 def test_two_plain_experiments_at_once_stop_with_a_message_each_and_record_nothing(pipeline_run, tmp_path) -> None:
     """DVC runs one experiment per workspace, and two started together take each other's params:
-    one stops at DVC's lock ("is busy"), the other at its next stage of ours, before any output."""
+    one stops at DVC's lock ("is busy"), the other at its next stage of ours, before any output.
+    Whatever the timing, each failure is one of those messages and nothing is recorded under
+    params it was not made with."""
     repo = copy_repo(pipeline_run[0], tmp_path / "repo")
-    errors = [error for status, error in start_experiments(repo) if status != 0]
-    assert len(errors) == 2, errors
-    assert sum("is busy, it is being blocked by" in error for error in errors) == 1, errors
-    assert sum("another `dvc exp run` started in this workspace" in error for error in errors) == 1, errors
-    assert recorded_experiments(repo) == []
-    assert json.loads((repo / "models/train/model.json").read_text())["params"]["seed"] == 0
+    finished = start_experiments(repo)
+    errors = [error for status, error in finished if status != 0]
+    assert all(sum(message in error for message in STOPPED) == 1 for error in errors), errors
+    assert not [error for error in errors if "NoneType" in error], errors
+    recorded = recorded_experiments(repo)
+    assert len(recorded) == 2 - len(errors), finished
+    for run in recorded:
+        assert run["name"] == f"seed-{run['data']['params']['params.yaml']['data']['train']['seed']}"
+    model_seed = json.loads((repo / "models/train/model.json").read_text())["params"]["seed"]
+    params_seed = yaml.safe_load((repo / "params.yaml").read_text())["train"]["seed"]
+    assert model_seed == (0 if len(errors) == 2 else params_seed)  # 0: the committed model
+    if len(errors) == 2:  # the usual timing: one stops at DVC's lock on an output, one at ours
+        assert sorted(message for error in errors for message in STOPPED if message in error) == sorted(STOPPED[:2])
 
 
 def test_two_temp_experiments_at_once_each_record_their_own_params(pipeline_run, tmp_path: Path) -> None:
