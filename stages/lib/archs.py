@@ -60,18 +60,20 @@ def _scan(search: tuple[tuple[Path, str], ...]) -> dict[str, Arch]:
 
 def _marks(path: Path, text: str, module: str) -> list[tuple[str, Arch]]:
     """The (name, Arch) of each class in `path` marked @architecture(...)."""
-    marks = []
-    for node in ast.walk(ast.parse(text, str(path))):
-        for mark in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
-            if isinstance(mark, ast.Call) and getattr(mark.func, "id", None) == "architecture":
-                try:
-                    name, *rest = [ast.literal_eval(arg) for arg in mark.args]
-                    keywords = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
-                    arch = Arch(f"{module}:{node.name}", *rest, **keywords)
-                    if not isinstance(name, str):
-                        raise TypeError(f"the name is {name!r}")
-                except (ValueError, TypeError) as err:
-                    raise ValueError(f"{path}:{mark.lineno}: @architecture takes a name and "
-                                     f"any_size, blocks, all literals ({err})") from None
-                marks.append((name, replace(arch, blocks=tuple(arch.blocks))))
-    return marks
+    return [_read_mark(mark, path, f"{module}:{node.name}")
+            for node in ast.walk(ast.parse(text, str(path))) if isinstance(node, ast.ClassDef)
+            for mark in node.decorator_list
+            if isinstance(mark, ast.Call) and getattr(mark.func, "id", None) == "architecture"]
+
+
+def _read_mark(mark: ast.Call, path: Path, target: str) -> tuple[str, Arch]:
+    """A mark's name and Arch, from its literal arguments."""
+    try:
+        name, *rest = [ast.literal_eval(arg) for arg in mark.args]
+        arch = Arch(target, *rest, **{k.arg: ast.literal_eval(k.value) for k in mark.keywords})
+        if not isinstance(name, str):
+            raise TypeError(f"the name is {name!r}")
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}:{mark.lineno}: @architecture takes a name and any_size, "
+                         f"blocks, all literals ({err})") from None
+    return name, replace(arch, blocks=tuple(arch.blocks))

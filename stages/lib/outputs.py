@@ -29,13 +29,22 @@ class StageError(Exception):
 # output is checked against them before it is renamed into place
 PARAMS_READ: contextvars.ContextVar[tuple[Path, bytes] | None] = contextvars.ContextVar(
     "PARAMS_READ", default=None)
+# Where `dvc exp run` (in the workspace: not --temp or --queue) keeps its record of the
+# experiment it runs. DVC runs one experiment per workspace: a second `dvc exp run` started
+# beside it takes its queued params, and deletes this record when it fails, so DVC can record
+# neither; this run then stops at once with one message instead of failing in DVC at the end.
+# A DVC version that moved it fails the end-to-end tests' `dvc exp run`, not silently.
+EXPERIMENT_RECORD = Path(".dvc/tmp/exps/run/workspace/workspace.run")
+SIDE_BY_SIDE = ("Run experiments side by side with `dvc exp run --temp`, or `dvc exp run --queue` "
+                "and `dvc queue start`")
 
 
-def check_params_unchanged() -> None:
-    """Stop, before an output lands, if params.yaml changed since the stage started: the
-    result would be recorded under params it was not made with."""
+def check_run_intact() -> None:
+    """Stop, before an output lands, if the run it belongs to changed under the stage: the
+    result would be recorded under params it was not made with (params.yaml rewritten since
+    the stage started), or could not be recorded at all (check_experiment_record)."""
     read = PARAMS_READ.get()
-    if read is None:
+    if read is None:  # not inside a stage's main (stage_main)
         return
     path, content = read
     try:
@@ -46,16 +55,6 @@ def check_params_unchanged() -> None:
         raise StageError(f"{path} changed while this stage ran: another `dvc exp run` in this "
                          f"workspace? Nothing was written. {SIDE_BY_SIDE}")
     check_experiment_record()
-
-
-SIDE_BY_SIDE = ("Run experiments side by side with `dvc exp run --temp`, or `dvc exp run --queue` "
-                "and `dvc queue start`")
-# Where `dvc exp run` (in the workspace: not --temp or --queue) keeps its record of the
-# experiment it runs. DVC runs one experiment per workspace: a second `dvc exp run` started
-# beside it takes its queued params, and deletes this record when it fails, so DVC can record
-# neither; this run then stops at once with one message instead of failing in DVC at the end.
-# A DVC version that moved it fails the end-to-end tests' `dvc exp run`, not silently.
-EXPERIMENT_RECORD = Path(".dvc/tmp/exps/run/workspace/workspace.run")
 
 
 def check_experiment_record() -> None:
@@ -127,7 +126,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     try:
         with storage_errors(dest):
             yield tmp
-        check_params_unchanged()
+        check_run_intact()
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -149,7 +148,7 @@ def atomic_file(dest: Path) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        check_params_unchanged()
+        check_run_intact()
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
